@@ -1,0 +1,23 @@
+"""Installs tfrs-clippy: the library (`tfrs_clippy`) and the multitask rankers (`models`)."""
+
+import setuptools
+
+setuptools.setup(
+    name="tfrs-clippy",
+    version="0.1.0",
+    description="Clippy (adaptive update clipping) and stability tools for multitask ranking models in TensorFlow.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=setuptools.find_packages(include=["tfrs_clippy", "tfrs_clippy.*", "models", "models.*"]),
+    install_requires=[
+        "tensorflow==2.21.*",
+        "tf-keras==2.21.*",
+        "tensorflow-recommenders==0.7.7",
+        "keras>=3.10",
+        "numpy",
+        "pyyaml",
+        "matplotlib",
+    ],
+    extras_require={"test": ["pytest>=8"]},
+)
