@@ -1,0 +1,269 @@
+"""Adagrad with a per-variable scaling rule, in pure TensorFlow (no Keras).
+
+Every method of the Clippy paper is Adagrad whose update is multiplied by a scale in [0, 1]:
+
+    r = g / sqrt(G + epsilon) ;  w <- w - lr * sigma * r
+
+where the methods differ only in how sigma is computed (`ScalingRule`). This module holds that one Adagrad core
+(`scaled_adagrad_step`, on plain tensors) and the two ways to apply it to variables: dense (`apply_dense`) and
+sparse (`apply_sparse`, touched rows only). Both Keras adapters call these functions and nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Optional, Protocol, Sequence
+
+import tensorflow as tf
+
+ACCUMULATOR_UPDATES = ("delayed", "delayed_clipped", "standard")
+"""When and with what the accumulator G is updated.
+
+- "delayed": r uses G from before this step, then G += g^2 (TFRS's default).
+- "delayed_clipped": as "delayed", but G += (sigma * g)^2 (TFRS's `clip_accumulator_update=True`).
+- "standard": G += g^2 first, then r uses the new G (Adagrad and the paper's Algorithm 1).
+"""
+
+
+class StepInputs(NamedTuple):
+    """What a scaling rule may look at, all float32 and of the variable's (or the touched rows') shape."""
+
+    grad: tf.Tensor
+    variable: tf.Tensor
+    precondition: tf.Tensor  # 1 / sqrt(G + epsilon)
+    update: tf.Tensor  # lr * grad * precondition: the unscaled Adagrad step
+
+
+class ScalingRule(Protocol):
+    """Maps a step to its scale sigma in [0, 1]: a scalar, or one value per slice when `reduce_axes` is narrower."""
+
+    def __call__(self, step: StepInputs, reduce_axes: Sequence[int]) -> tf.Tensor:
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class ClippyRule:
+    """Clippy's rule: the largest sigma <= 1 with sigma*|u_i| <= rel*|w_i| + acc_rel*p_i + abs for every i.
+
+    Attributes:
+        variable_relative_threshold: lambda_rel, the bound relative to |w_i|.
+        accumulator_relative_threshold: the bound relative to p_i = 1/sqrt(G_i + epsilon).
+        absolute_threshold: lambda_abs, the constant part of the bound.
+    """
+
+    variable_relative_threshold: float
+    accumulator_relative_threshold: float
+    absolute_threshold: float
+
+    def bound(self, step: StepInputs) -> tf.Tensor:
+        """The largest move each coordinate may make."""
+        return (
+            self.absolute_threshold
+            + self.variable_relative_threshold * tf.abs(step.variable)
+            + self.accumulator_relative_threshold * step.precondition
+        )
+
+    def __call__(self, step: StepInputs, reduce_axes: Sequence[int]) -> tf.Tensor:
+        magnitude = tf.abs(step.update)
+        # A coordinate that does not move puts no limit on sigma; a zero bound on a moving one forces sigma = 0.
+        ratio = tf.where(magnitude == 0.0, 1.0, tf.math.divide_no_nan(self.bound(step), magnitude))
+        return tf.minimum(1.0, tf.reduce_min(ratio, axis=reduce_axes, keepdims=True))
+
+
+class StepResult(NamedTuple):
+    """One step's outcome, before it is written to any variable."""
+
+    delta: tf.Tensor  # float32, to subtract from the variable
+    accumulator_increment: tf.Tensor  # float32, to add to the accumulator
+    scale: tf.Tensor  # sigma, broadcastable to the variable (keepdims)
+    all_finite: tf.Tensor  # bool scalar: the gradient had no NaN or Inf
+
+
+def reduce_axes_for(rank: int, clipping_axis: Optional[int]) -> list[int]:
+    """Axes over which one scale is shared: all of them (per tensor), or all but `clipping_axis` (per slice)."""
+    if clipping_axis is None or rank == 0:
+        return list(range(rank))
+    axis = clipping_axis % rank
+    return [a for a in range(rank) if a != axis]
+
+
+def scaled_adagrad_step(
+    grad: tf.Tensor,
+    variable: tf.Tensor,
+    accumulator: tf.Tensor,
+    learning_rate: tf.Tensor,
+    *,
+    epsilon: float,
+    accumulator_update: str,
+    rule: Optional[ScalingRule],
+    clipping_axis: Optional[int] = None,
+) -> StepResult:
+    """Computes one scaled Adagrad step on tensors (a whole variable, or its touched rows).
+
+    Args:
+        grad: The gradient, of the variable's dtype.
+        variable: The variable's current value.
+        accumulator: The float32 accumulator G.
+        learning_rate: The learning rate of this step (a scalar).
+        epsilon: Added to G inside the square root.
+        accumulator_update: One of `ACCUMULATOR_UPDATES`.
+        rule: The scaling rule; None for plain Adagrad (sigma = 1).
+        clipping_axis: None for one scale per tensor, or the axis whose slices get a scale each.
+
+    Returns:
+        A `StepResult`; the caller commits it only when `all_finite`.
+    """
+    grad = tf.cast(grad, tf.float32)
+    variable = tf.cast(variable, tf.float32)
+    learning_rate = tf.cast(learning_rate, tf.float32)
+    squared_grad = tf.square(grad)
+    denominator_accumulator = accumulator + squared_grad if accumulator_update == "standard" else accumulator
+    precondition = tf.math.rsqrt(denominator_accumulator + epsilon)
+    update = learning_rate * grad * precondition
+    if rule is None:
+        scale = tf.ones([1] * grad.shape.rank, tf.float32)
+    else:
+        step = StepInputs(grad=grad, variable=variable, precondition=precondition, update=update)
+        scale = rule(step, reduce_axes_for(grad.shape.rank, clipping_axis))
+    if accumulator_update == "delayed_clipped":
+        accumulator_increment = tf.square(grad * scale)
+    else:
+        accumulator_increment = squared_grad
+    all_finite = tf.reduce_all(tf.math.is_finite(grad))
+    return StepResult(update * scale, accumulator_increment, scale, all_finite)
+
+
+# The dense step reads every coordinate twice (the scale is a minimum over the whole tensor, needed before any
+# coordinate moves). XLA fuses the elementwise chain into those two passes; without it TensorFlow runs ~20
+# full-tensor kernels. Sparse steps stay unfused: their row count changes every step and would recompile.
+_fused_dense_step = tf.function(scaled_adagrad_step, jit_compile=True)
+
+
+class Slots(NamedTuple):
+    """The optimizer state of one model variable."""
+
+    accumulator: tf.Variable  # float32, the variable's shape
+    clipping_factor: Optional[tf.Variable]  # float32 scalar: min sigma of the last step; None if not exported
+    nonfinite_steps: tf.Variable  # int64 scalar: steps skipped for a non-finite gradient
+
+
+def _commit(
+    slots: Slots,
+    result: StepResult,
+    write_accumulator,
+    write_variable,
+) -> tf.Operation:
+    """Writes `result` when the gradient was finite; otherwise counts a skipped step and writes nothing else."""
+
+    def commit() -> tf.Operation:
+        updates = [write_accumulator(result.accumulator_increment), write_variable(result.delta)]
+        if slots.clipping_factor is not None:
+            updates.append(slots.clipping_factor.assign(tf.reduce_min(result.scale)))
+        return tf.group(updates)
+
+    def skip() -> tf.Operation:
+        updates = [slots.nonfinite_steps.assign_add(1)]
+        if slots.clipping_factor is not None:
+            updates.append(slots.clipping_factor.assign(0.0))
+        return tf.group(updates)
+
+    return tf.cond(result.all_finite, commit, skip)
+
+
+def apply_dense(
+    variable: tf.Variable,
+    grad: tf.Tensor,
+    slots: Slots,
+    learning_rate: tf.Tensor,
+    *,
+    epsilon: float,
+    accumulator_update: str,
+    rule: Optional[ScalingRule],
+    clipping_axis: Optional[int] = None,
+    fused: bool = True,
+) -> tf.Operation:
+    """Applies one scaled Adagrad step to a whole variable.
+
+    Args:
+        variable: The model variable.
+        grad: Its dense gradient.
+        slots: Its optimizer state.
+        learning_rate: The learning rate of this step.
+        epsilon, accumulator_update, rule, clipping_axis: As in `scaled_adagrad_step`.
+        fused: Compute the step with XLA (two memory passes) instead of one TensorFlow kernel per operation.
+    """
+    step_fn = _fused_dense_step if fused else scaled_adagrad_step
+    result = step_fn(
+        grad,
+        tf.convert_to_tensor(variable),
+        tf.convert_to_tensor(slots.accumulator),
+        tf.convert_to_tensor(learning_rate),
+        epsilon=epsilon,
+        accumulator_update=accumulator_update,
+        rule=rule,
+        clipping_axis=clipping_axis,
+    )
+    return _commit(
+        slots,
+        result,
+        write_accumulator=slots.accumulator.assign_add,
+        write_variable=lambda delta: variable.assign_sub(tf.cast(delta, variable.dtype)),
+    )
+
+
+def deduplicate(grad: tf.IndexedSlices) -> tf.IndexedSlices:
+    """Sums the values of repeated indices, keeping the static number of rows (XLA needs static shapes).
+
+    Returns `IndexedSlices` with as many rows as `grad`: the first k rows hold the k distinct indices (sorted) and
+    their summed values; the remaining rows have index 0 and value 0, so scatter-adding them changes nothing.
+    """
+    num_rows = tf.shape(grad.indices)[0]
+    order = tf.argsort(grad.indices, stable=True)
+    sorted_indices = tf.gather(grad.indices, order)
+    is_first = tf.concat([[True], sorted_indices[1:] != sorted_indices[:-1]], axis=0)
+    segment = tf.cumsum(tf.cast(is_first, tf.int32)) - 1
+    values = tf.math.unsorted_segment_sum(tf.gather(grad.values, order), segment, num_rows)
+    indices = tf.tensor_scatter_nd_update(
+        tf.zeros_like(grad.indices), tf.expand_dims(segment, 1), sorted_indices
+    )
+    return tf.IndexedSlices(values, indices, grad.dense_shape)
+
+
+def apply_sparse(
+    variable: tf.Variable,
+    grad: tf.IndexedSlices,
+    slots: Slots,
+    learning_rate: tf.Tensor,
+    *,
+    epsilon: float,
+    accumulator_update: str,
+    rule: Optional[ScalingRule],
+    clipping_axis: Optional[int] = None,
+) -> tf.Operation:
+    """Applies one scaled Adagrad step to the rows an `IndexedSlices` gradient touches, and to no other row.
+
+    Repeated indices are summed first, so the result equals `apply_dense` on the densified gradient: rows that are
+    not touched have a zero update, which puts no limit on sigma, and keep their accumulator.
+    """
+    unique = deduplicate(grad)
+    result = scaled_adagrad_step(
+        unique.values,
+        tf.gather(variable, unique.indices),
+        tf.gather(slots.accumulator, unique.indices),
+        learning_rate,
+        epsilon=epsilon,
+        accumulator_update=accumulator_update,
+        rule=rule,
+        clipping_axis=clipping_axis,
+    )
+    # Scatter-*add* (not update): the padding rows of `deduplicate` then write nothing.
+    return _commit(
+        slots,
+        result,
+        write_accumulator=lambda increment: slots.accumulator.scatter_add(
+            tf.IndexedSlices(increment, unique.indices)
+        ),
+        write_variable=lambda delta: variable.scatter_sub(
+            tf.IndexedSlices(tf.cast(delta, variable.dtype), unique.indices)
+        ),
+    )

@@ -1,0 +1,55 @@
+"""The scaled Adagrad optimizer on Keras 2 (`tf_keras.optimizers.Optimizer`, TFRS's runtime)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import tensorflow as tf
+import tf_keras
+
+from tfrs_clippy.optimizers.scaled_adagrad import ScaledAdagradMixin
+
+
+class KerasAdapter(ScaledAdagradMixin, tf_keras.optimizers.Optimizer):
+    """Owns slots, learning rate and config on Keras 2; `ScaledAdagradMixin` and `core` do the rest."""
+
+    def _init_keras_base(self, learning_rate: Any, name: str, kwargs: dict) -> None:
+        tf_keras.optimizers.Optimizer.__init__(self, name=name, **kwargs)
+        self._learning_rate = self._build_learning_rate(learning_rate)
+
+    def build(self, var_list) -> None:
+        super().build(var_list)
+        if getattr(self, "_slots_built", False):
+            return
+        self._slots_built = True
+        self._build_slots(var_list)
+
+    def _create_accumulator(self, variable, dtype: tf.DType):
+        initial_value = tf.fill(variable.shape, tf.constant(self.initial_accumulator_value, dtype))
+        if getattr(variable, "true_dtype", variable.dtype) == dtype:
+            # The base's own path: it also groups the slots of a sharded table into one checkpointed table.
+            return self.add_variable_from_reference(variable, "accumulator", initial_value=initial_value)
+        # float16/bfloat16 variables keep a float32 accumulator, which the base cannot make.
+        with tf.distribute.get_strategy().extended.colocate_vars_with(variable):
+            accumulator = tf.Variable(initial_value, name=f"accumulator/{variable._shared_name}", trainable=False)
+        self._variables.append(accumulator)
+        return accumulator
+
+    def _create_scalar_slot(self, variable, name: str, dtype: tf.DType, value: float):
+        # Scalars are made here, not from the reference: under a variable partitioner the base would try to
+        # assemble the scalar slots of a table's shards into one sharded scalar, which cannot exist.
+        with tf.distribute.get_strategy().extended.colocate_vars_with(variable):
+            slot = tf.Variable(tf.constant(value, dtype), name=f"{name}/{variable._shared_name}", trainable=False)
+        self._variables.append(slot)
+        return slot
+
+    def _slot_index(self, variable) -> int:
+        return self._index_dict[self._var_key(variable)]
+
+    def update_step(self, gradient, variable) -> tf.Operation:
+        return self._apply_scaled_adagrad(gradient, variable, self.learning_rate)
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config["learning_rate"] = self._serialize_hyperparameter(self._learning_rate)
+        return config
