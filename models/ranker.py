@@ -1,0 +1,254 @@
+"""The multitask ranker: input vector -> [cross network] -> bottom -> one tower per task, as a `tfrs.Model`.
+
+Training inputs are `(features, labels)` or `(features, labels, sample_weight)`:
+- `labels` maps each task's `TaskSpec.label_key` to a float32 [batch] (or [batch, 1]) tensor;
+- a label that is NaN means "this example has no label for this task", and so does a 0 in the optional
+  `labels["<label_key>_mask"]` tensor: such an example gets weight 0 in the task's loss and metrics;
+- `sample_weight` is a [batch] tensor for all tasks, or a dict task name -> [batch] tensor (tasks it does not
+  name get weight 1).
+
+Task t's loss is sum_i(w_i * loss_i) / (number of examples labeled for t in the batch), w_i being the sample
+weight (0 if unlabeled): a masked example changes neither the numerator nor the denominator, while sample weights
+scale examples as Keras's do. The total loss is sum_t(task_weight_t * loss_t), divided by the number of replicas
+in sync because the gradients of the replicas are summed (as `tfrs.experimental.models.Ranking` does).
+
+`fit` logs, per task: `<task>_loss` (the task's loss averaged over its labeled examples), `<task>_auc` (binary)
+or `<task>_rmse` (regression); and for MMoE/PLE `gate_<task>_<expert>`, the mean weight the task's gate gives
+the expert (for PLE, that of the last level: the mixture its tower reads).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+
+from models.bottoms import CrossNetwork, dense_stack, make_bottom
+from models.config import RankerConfig
+from models.embedding import FeatureEmbedding, feature_signature, placeholder_features
+from tfrs_clippy.data.spec import DatasetSpec, TaskSpec
+from tfrs_clippy.keras_runtime import keras
+
+Labels = Mapping[str, tf.Tensor]
+SampleWeight = tf.Tensor | Mapping[str, tf.Tensor] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class ParameterCounts:
+    """Numbers of trainable parameters: in embedding tables, and everywhere else."""
+
+    embedding: int
+    non_embedding: int
+
+    @property
+    def total(self) -> int:
+        return self.embedding + self.non_embedding
+
+
+@keras.utils.register_keras_serializable(package="tfrs_clippy")
+class Ranker(tfrs.models.Model):
+    """A multitask ranker built from a `DatasetSpec` and a `RankerConfig` (see the module docstring)."""
+
+    def __init__(self, spec: DatasetSpec, config: RankerConfig, **kwargs) -> None:
+        """Creates the layers; `build_ranker` also builds the variables.
+
+        Raises:
+            ValueError: the spec has no features, or `config.task_weights` names a task the spec lacks.
+        """
+        super().__init__(**kwargs)
+        if not spec.features:
+            raise ValueError("Ranker: the DatasetSpec has no features; a ranker needs at least one.")
+        unknown_tasks = sorted(set(config.task_weights) - {task.name for task in spec.tasks})
+        if unknown_tasks:
+            raise ValueError(
+                f"RankerConfig: `task_weights` names tasks {unknown_tasks} that the spec lacks; "
+                f"its tasks are {[task.name for task in spec.tasks]}."
+            )
+        self.dataset_spec = spec
+        self.ranker_config = config
+        task_names = [task.name for task in spec.tasks]
+        self.embedding = FeatureEmbedding(spec, config.multi_hot_combiner, name="embedding")
+        self.cross_network = (
+            CrossNetwork(config.cross_layers, config.cross_projection_dim, config.kernel_initializer, name="cross")
+            if config.cross_layers
+            else None
+        )
+        self.bottom = make_bottom(config, task_names)
+        tower_units = config.scaled(config.tower_units)
+        self.towers = {
+            name: keras.Sequential(
+                [
+                    dense_stack(tower_units, config.activation, config.kernel_initializer, name=f"{name}_hidden"),
+                    keras.layers.Dense(1, kernel_initializer=config.kernel_initializer, name=f"{name}_logit"),
+                ],
+                name=f"tower_{name}",
+            )
+            for name in task_names
+        }
+        self.ranking_tasks = {task.name: _ranking_task(task) for task in spec.tasks}
+        self.task_loss_metrics = {name: keras.metrics.Mean(name=f"{name}_loss") for name in task_names}
+        self.gate_metrics = {
+            task: [keras.metrics.Mean(name=f"gate_{task}_{expert}") for expert in experts]
+            for task, experts in self.bottom.gate_expert_names.items()
+        }
+
+    def task_weight(self, task: TaskSpec) -> float:
+        """The weight of `task`'s loss: `config.task_weights[task.name]` if given, else `task.weight`."""
+        return float(self.ranker_config.task_weights.get(task.name, task.weight))
+
+    def logits_and_gates(
+        self, features: Mapping[str, tf.Tensor], training: bool = False
+    ) -> tuple[dict[str, tf.Tensor], dict[str, tf.Tensor]]:
+        """Per task the [batch] logit (binary) or value (regression), and the bottom's gate weights."""
+        inputs = self.embedding(features)
+        crossed = self.cross_network(inputs) if self.cross_network is not None else None
+        if crossed is not None and self.ranker_config.cross_placement == "stacked":
+            inputs = crossed
+        task_inputs, gates = self.bottom(inputs, training=training)
+        if crossed is not None and self.ranker_config.cross_placement == "parallel":
+            task_inputs = [tf.concat([task_input, crossed], axis=1) for task_input in task_inputs]
+        outputs = {
+            task.name: tf.squeeze(self.towers[task.name](task_input, training=training), axis=1)
+            for task, task_input in zip(self.dataset_spec.tasks, task_inputs)
+        }
+        return outputs, gates
+
+    def call(self, features: Mapping[str, tf.Tensor], training: bool = False) -> dict[str, tf.Tensor]:
+        """Per task a [batch] prediction: the probability for binary tasks, the value for regression tasks."""
+        outputs, _ = self.logits_and_gates(features, training=training)
+        return {
+            task.name: tf.sigmoid(outputs[task.name]) if task.kind == "binary" else outputs[task.name]
+            for task in self.dataset_spec.tasks
+        }
+
+    def compute_loss(self, inputs: tuple, training: bool = False) -> tf.Tensor:
+        """The weighted sum of the task losses, divided by the replicas in sync; updates every metric.
+
+        Raises:
+            ValueError: `inputs` is not (features, labels[, sample_weight]), or a task's label is missing.
+        """
+        if not isinstance(inputs, (tuple, list)) or len(inputs) not in (2, 3):
+            raise ValueError(
+                "Ranker.compute_loss: inputs must be (features, labels) or (features, labels, sample_weight), "
+                f"got {type(inputs).__name__} of length {len(inputs) if isinstance(inputs, (tuple, list)) else 1}."
+            )
+        features, labels = inputs[0], inputs[1]
+        sample_weight = inputs[2] if len(inputs) == 3 else None
+        outputs, gates = self.logits_and_gates(features, training=training)
+        total_loss = tf.constant(0.0)
+        for task in self.dataset_spec.tasks:
+            label, weight, num_labeled = self._label_and_weight(task, labels, sample_weight)
+            # Reduction NONE: the task returns weight_i * loss_i per example; we reduce it ourselves.
+            weighted_losses = self.ranking_tasks[task.name](
+                label[:, tf.newaxis], outputs[task.name][:, tf.newaxis], sample_weight=weight
+            )
+            task_loss = tf.math.divide_no_nan(tf.reduce_sum(weighted_losses), num_labeled)
+            # Weighting each batch's mean by its labeled count makes the logged value the mean over labeled examples.
+            self.task_loss_metrics[task.name].update_state(task_loss, sample_weight=num_labeled)
+            total_loss += self.task_weight(task) * task_loss
+        for task, weights in gates.items():
+            for expert, metric in enumerate(self.gate_metrics[task]):
+                metric.update_state(weights[:, expert])
+        return total_loss / tf.distribute.get_strategy().num_replicas_in_sync
+
+    def _label_and_weight(
+        self, task: TaskSpec, labels: Labels, sample_weight: SampleWeight
+    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """The task's [batch] label (0 where unlabeled), [batch] weight (0 where unlabeled) and labeled count."""
+        if task.label_key not in labels:
+            raise ValueError(
+                f"Ranker: task {task.name!r} needs the label {task.label_key!r}, but the labels have only "
+                f"{sorted(labels)}."
+            )
+        label = tf.reshape(tf.cast(labels[task.label_key], tf.float32), [-1])
+        labeled = tf.logical_not(tf.math.is_nan(label))
+        mask_key = f"{task.label_key}_mask"
+        if mask_key in labels:
+            labeled &= tf.reshape(labels[mask_key], [-1]) > 0
+        labeled = tf.cast(labeled, tf.float32)
+        if isinstance(sample_weight, Mapping):
+            sample_weight = sample_weight.get(task.name)
+        weight = labeled
+        if sample_weight is not None:
+            weight *= tf.reshape(tf.cast(sample_weight, tf.float32), [-1])
+        # Zeroing the NaN labels matters: weight 0 times a NaN loss would still be NaN.
+        return tf.where(labeled > 0, label, tf.zeros_like(label)), weight, tf.reduce_sum(labeled)
+
+    @property
+    def embedding_trainable_variables(self) -> list[tf.Variable]:
+        """The embedding tables (e.g. for `tfrs.experimental.optimizers.CompositeOptimizer`)."""
+        return list(self.embedding.trainable_variables)
+
+    @property
+    def dense_trainable_variables(self) -> list[tf.Variable]:
+        """Every trainable variable that is not an embedding table."""
+        embedding_ids = {id(variable) for variable in self.embedding.trainable_variables}
+        return [variable for variable in self.trainable_variables if id(variable) not in embedding_ids]
+
+    def parameter_counts(self) -> ParameterCounts:
+        """Trainable parameters in the embedding tables and elsewhere (the model must be built)."""
+
+        def count(variables: list[tf.Variable]) -> int:
+            return int(sum(variable.shape.num_elements() for variable in variables))
+
+        return ParameterCounts(count(self.embedding_trainable_variables), count(self.dense_trainable_variables))
+
+    def serving_function(self) -> tf.types.experimental.ConcreteFunction:
+        """raw features (TensorSpecs of `feature_signature`) -> {task: [batch] prediction}, as `call` computes."""
+        serve = tf.function(
+            lambda features: self(features, training=False), input_signature=[feature_signature(self.dataset_spec)]
+        )
+        return serve.get_concrete_function()
+
+    def export(self, path: str) -> None:
+        """Writes a SavedModel at `path` whose `serving_default` signature is `serving_function()`.
+
+        Reload with `tf.saved_model.load(path).signatures["serving_default"](**features)`.
+        """
+        tf.saved_model.save(self, path, signatures={"serving_default": self.serving_function()})
+
+    def get_config(self) -> dict[str, Any]:
+        return {"spec": self.dataset_spec.to_dict(), "config": self.ranker_config.to_dict()}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], custom_objects: Any = None) -> "Ranker":
+        """A new ranker of the same spec and config, with its variables built (and freshly initialized)."""
+        return build_ranker(DatasetSpec.from_dict(config["spec"]), RankerConfig.from_dict(config["config"]))
+
+
+def _ranking_task(task: TaskSpec) -> tfrs.tasks.Ranking:
+    """Sigmoid cross-entropy and AUC on logits for a binary task; MSE and RMSE for a regression task."""
+    reduction = keras.losses.Reduction.NONE
+    if task.kind == "binary":
+        return tfrs.tasks.Ranking(
+            loss=keras.losses.BinaryCrossentropy(from_logits=True, reduction=reduction),
+            metrics=[keras.metrics.AUC(from_logits=True, name=f"{task.name}_auc")],
+            name=f"task_{task.name}",
+        )
+    return tfrs.tasks.Ranking(
+        loss=keras.losses.MeanSquaredError(reduction=reduction),
+        metrics=[keras.metrics.RootMeanSquaredError(name=f"{task.name}_rmse")],
+        name=f"task_{task.name}",
+    )
+
+
+def build_ranker(spec: DatasetSpec, config: RankerConfig | str | Mapping[str, Any] = "small") -> Ranker:
+    """A built `Ranker` for `spec`.
+
+    Args:
+        spec: The features and tasks.
+        config: A `RankerConfig`, a preset name ("small", "large", "large_dcn"), or a `RankerConfig.from_dict`
+            mapping (which may name a "preset" to start from).
+
+    Returns:
+        The ranker, its variables created by one forward pass on a placeholder batch.
+    """
+    if isinstance(config, str):
+        config = RankerConfig.preset(config)
+    elif not isinstance(config, RankerConfig):
+        config = RankerConfig.from_dict(config)
+    model = Ranker(spec, config)
+    model(placeholder_features(spec))
+    return model
