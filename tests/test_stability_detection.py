@@ -1,0 +1,128 @@
+"""The divergence detector on synthetic loss curves, without Keras: what counts as micro, full, and nothing."""
+
+import math
+
+import numpy as np
+import pytest
+
+from tfrs_clippy.stability import BatchLossReader, DetectorConfig, detect_divergence
+
+
+def _noisy_decreasing_loss(steps: int, seed: int = 0) -> np.ndarray:
+    """A healthy training curve: 1/sqrt(t) decay with 10% multiplicative batch noise."""
+    rng = np.random.default_rng(seed)
+    return (0.3 + 1.0 / np.sqrt(1.0 + np.arange(steps))) * rng.lognormal(0.0, 0.1, steps)
+
+
+def test_noise_is_not_counted():
+    for seed in range(5):
+        record = detect_divergence(_noisy_decreasing_loss(2000, seed))
+        score = record.instability_score()
+        assert (score.micro_divergences, score.full_divergences) == (0, 0)
+        assert score.worst_spike_ratio < 1.6
+
+
+def test_spike_that_recovers_is_one_micro_divergence():
+    losses = _noisy_decreasing_loss(400)
+    losses[200:205] *= 20.0  # a 5-step spike, back to normal at step 205
+    record = detect_divergence(losses)
+    assert [(e.kind, e.start_step, e.end_step, e.reason) for e in record.events] == [("micro", 200, 205, "recovered")]
+    score = record.instability_score()
+    assert score.events_per_1000_steps == pytest.approx(2.5)
+    assert score.fraction_steps_in_spike == pytest.approx(5 / 400)
+    assert 15.0 < score.worst_spike_ratio < 35.0
+    assert not score.diverged
+
+
+def test_single_step_spike_between_logging_points_is_detected():
+    losses = _noisy_decreasing_loss(300)
+    losses[150] *= 4.0
+    record = detect_divergence(losses)
+    assert [(e.kind, e.start_step, e.end_step) for e in record.events] == [("micro", 150, 151)]
+
+
+def test_blow_up_without_recovery_is_full_divergence():
+    losses = _noisy_decreasing_loss(300)
+    losses[100:] = losses[100] * 1.05 ** np.arange(200)  # grows 5% per step from step 100
+    config = DetectorConfig(recovery_steps=30)
+    record = detect_divergence(losses, config)
+    assert record.count("micro") == 0
+    full = [e for e in record.events if e.kind == "full"]
+    assert full and full[0].reason == "no_recovery"
+    # The loss doubles (1.05^15 = 2.08) about 15 steps in; full is declared recovery_steps after that.
+    assert 110 <= full[0].start_step <= 120
+    assert full[0].end_step == full[0].start_step + 30
+    assert record.instability_score().diverged
+
+
+def test_nan_is_full_divergence_once_per_run_of_non_finite_losses():
+    losses = list(_noisy_decreasing_loss(100))
+    losses[60:70] = [math.nan] * 10
+    losses[80] = math.inf
+    record = detect_divergence(losses)
+    assert [(e.kind, e.start_step, e.reason) for e in record.events] == [
+        ("full", 60, "non_finite"),
+        ("full", 80, "non_finite"),
+    ]
+    assert record.instability_score().worst_spike_ratio == math.inf
+
+
+def test_nan_during_warmup_is_full_divergence():
+    record = detect_divergence([1.0, 0.9, math.nan])
+    assert [(e.kind, e.start_step) for e in record.events] == [("full", 2)]
+
+
+def test_noisy_small_loss_needs_both_ratio_and_mad():
+    # A small loss with additive noise of 40% of its level: a 2x ratio alone fires on 2.5-sigma noise (~0.6% of
+    # steps); the 6-MAD test keeps it quiet.
+    rng = np.random.default_rng(1)
+    losses = np.abs(0.01 + 0.004 * rng.standard_normal(3000))
+    assert detect_divergence(losses, DetectorConfig(spike_mads=0.0)).count("micro") > 0
+    assert detect_divergence(losses).count("micro") == 0
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("spike_ratio", 1.0), ("spike_mads", -1.0), ("recovery_steps", 0), ("baseline_window", 2.5), ("warmup_steps", 99)],
+)
+def test_bad_config_raises_naming_the_argument(field, value):
+    with pytest.raises(ValueError, match=field):
+        DetectorConfig(**{field: value})
+
+
+def test_reader_recovers_batch_losses_from_a_running_mean():
+    batch_losses = [1.0, 3.0, 2.0, 10.0, 1.5]
+    reader = BatchLossReader(loss_is_running_mean=True)
+    reader.start_training(model=None)
+    reader.restart_mean(next_batch=0)
+    recovered = [
+        reader.read(batch, {"loss": np.float32(np.mean(batch_losses[: batch + 1]))}) for batch in range(5)
+    ]
+    np.testing.assert_allclose(recovered, batch_losses, rtol=1e-5)
+
+
+def test_reader_handles_several_batches_per_call_and_a_restarted_mean():
+    reader = BatchLossReader(loss_is_running_mean=True)
+    reader.start_training(model=None)
+    reader.restart_mean(next_batch=0)
+    assert reader.read(1, {"loss": 2.0}) == pytest.approx(2.0)  # batches 0-1, mean 2
+    assert reader.read(3, {"loss": 3.0}) == pytest.approx(4.0)  # batches 2-3 average 4
+    reader.restart_mean(next_batch=4)  # e.g. model.reset_metrics() after batch 3
+    assert reader.read(4, {"loss": 7.0}) == pytest.approx(7.0)
+    with pytest.raises(ValueError, match="loss_key"):
+        reader.read(5, {"accuracy": 1.0})
+
+
+def test_reader_returns_per_batch_loss_as_is():
+    reader = BatchLossReader(loss_is_running_mean=False)
+    reader.start_training(model=None)
+    assert [reader.read(b, {"loss": v}) for b, v in enumerate([5.0, 1.0])] == [5.0, 1.0]
+
+
+def test_spike_open_at_the_end_of_the_sequence_is_full():
+    losses = list(_noisy_decreasing_loss(100))
+    losses[97:] = [50.0, 60.0, 70.0]
+    record = detect_divergence(losses)
+    assert [(e.kind, e.start_step, e.end_step, e.reason) for e in record.events] == [
+        ("full", 97, 99, "unrecovered_at_end")
+    ]

@@ -1,0 +1,133 @@
+"""Sharpness by power iteration on Hessian-vector products, checked on quadratics with known Hessians."""
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfrs_clippy.keras_runtime import keras
+from tfrs_clippy.stability import (
+    DivergenceMonitor,
+    SharpnessMonitor,
+    adagrad_preconditioner,
+    detect_divergence,
+    hessian_vector_product,
+    largest_hessian_eigenvalue,
+    plot_sharpness,
+)
+
+HESSIAN_DIAGONAL = (20.0, 1.0)  # The paper's figure: eta < 2/20 = 0.1 is stable, above diverges.
+
+
+def _quadratic(x: tf.Variable) -> tf.Tensor:
+    return 0.5 * tf.reduce_sum(tf.constant(HESSIAN_DIAGONAL) * tf.square(x))
+
+
+def test_hessian_vector_product_of_a_quadratic_is_exact():
+    x = tf.Variable([0.3, -2.0])
+    (product,) = hessian_vector_product(lambda: _quadratic(x), [x], [tf.constant([1.0, 1.0])])
+    np.testing.assert_allclose(product.numpy(), HESSIAN_DIAGONAL)
+
+
+def test_largest_eigenvalue_of_the_papers_quadratic_within_one_percent():
+    x = tf.Variable([0.3, -2.0])
+    result = largest_hessian_eigenvalue(lambda: _quadratic(x), [x], max_iterations=50, tolerance=1e-6)
+    assert result.eigenvalue == pytest.approx(20.0, rel=0.01)
+    assert result.converged and result.iterations < 50
+
+
+def test_largest_eigenvalue_with_a_dense_non_diagonal_hessian():
+    rng = np.random.default_rng(0)
+    basis, _ = np.linalg.qr(rng.standard_normal((6, 6)))
+    hessian = (basis * np.array([9.0, 4.0, 3.0, 1.0, 0.5, 0.1])) @ basis.T
+    x = tf.Variable(rng.standard_normal(6).astype(np.float32))
+    h = tf.constant(hessian, tf.float32)
+    loss = lambda: 0.5 * tf.tensordot(x, tf.linalg.matvec(h, x), 1)  # noqa: E731
+    result = largest_hessian_eigenvalue(loss, [x], max_iterations=100, tolerance=1e-7)
+    assert result.eigenvalue == pytest.approx(9.0, rel=0.01)
+
+
+def test_preconditioned_sharpness_is_that_of_p_inverse_sqrt_h_p_inverse_sqrt():
+    x = tf.Variable([0.3, -2.0])
+    # P = diag(10, 0.25): P^-1/2 H P^-1/2 = diag(20/10, 1/0.25) = diag(2, 4) -> 4, not 20.
+    result = largest_hessian_eigenvalue(
+        lambda: _quadratic(x), [x], preconditioner=[tf.constant([10.0, 0.25])], max_iterations=100, tolerance=1e-7
+    )
+    assert result.eigenvalue == pytest.approx(4.0, rel=0.01)
+
+
+def _gradient_descent_losses(learning_rate: float, steps: int = 60) -> list:
+    x = tf.Variable([1.0, 1.0])
+    losses = []
+    for _ in range(steps):
+        with tf.GradientTape() as tape:
+            loss = _quadratic(x)
+        losses.append(float(loss))
+        x.assign_sub(learning_rate * tape.gradient(loss, x))
+    return losses
+
+
+def test_gradient_descent_below_two_over_lambda_is_stable_and_above_diverges_and_is_flagged():
+    x = tf.Variable([1.0, 1.0])
+    sharpness = largest_hessian_eigenvalue(lambda: _quadratic(x), [x], max_iterations=50, tolerance=1e-6).eigenvalue
+    assert 0.09 < 2.0 / sharpness < 0.11
+    stable, unstable = _gradient_descent_losses(0.09), _gradient_descent_losses(0.11)
+    assert stable[-1] < 1e-3 * stable[0]
+    assert unstable[-1] > 1e3 * unstable[0]
+    assert detect_divergence(stable).events == []
+    flagged = detect_divergence(unstable).events
+    assert flagged and flagged[0].kind == "full"
+
+
+def _quadratic_regression_data():
+    # MSE of a bias-free linear model on these two rows is 0.5 w^T diag(20, 1) w: the same Hessian.
+    features = np.array([[np.sqrt(20.0), 0.0], [0.0, 1.0]], np.float32)
+    return features, np.zeros((2, 1), np.float32)
+
+
+def _quadratic_keras_model(optimizer) -> keras.Model:
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, use_bias=False, kernel_initializer="ones")])
+    model.compile(optimizer=optimizer, loss="mse")
+    return model
+
+
+@pytest.mark.parametrize("learning_rate, diverges", [(0.09, False), (0.11, True)])
+def test_keras_sgd_on_the_quadratic_with_both_monitors(learning_rate, diverges, tmp_path):
+    features, targets = _quadratic_regression_data()
+    model = _quadratic_keras_model(keras.optimizers.SGD(learning_rate))
+    sharpness = SharpnessMonitor((features, targets), every_n_steps=20, max_iterations=30, tolerance=1e-5)
+    monitor = DivergenceMonitor()
+    dataset = tf.data.Dataset.from_tensors((features, targets)).repeat(80)
+    history = model.fit(dataset, epochs=1, verbose=0, callbacks=[monitor, sharpness])
+    assert sharpness.record.steps == [0, 20, 40, 60]
+    # The Hessian of a quadratic does not depend on the weights: every measurement is 20.
+    np.testing.assert_allclose(sharpness.record.sharpness, 20.0, rtol=0.01)
+    np.testing.assert_allclose(sharpness.record.stability_threshold, 2.0 / learning_rate, rtol=1e-6)
+    assert all(np.isnan(sharpness.record.preconditioned_sharpness))  # SGD has no accumulators.
+    assert history.history["full_divergences"] == [1 if diverges else 0]
+    assert history.history["sharpness"][0] == pytest.approx(20.0, rel=0.01)
+    path = plot_sharpness(sharpness.record, str(tmp_path / "sharpness.png"))
+    assert os.path.getsize(path) > 1000
+
+
+def test_preconditioned_sharpness_of_keras_adagrad_matches_the_accumulator():
+    features, targets = _quadratic_regression_data()
+    model = _quadratic_keras_model(keras.optimizers.Adagrad(0.5, initial_accumulator_value=0.1))
+    sharpness = SharpnessMonitor((features, targets), every_n_steps=3, max_iterations=100, tolerance=1e-7)
+    model.fit(features, targets, batch_size=2, epochs=4, verbose=0, callbacks=[sharpness])
+    (kernel,) = model.trainable_variables
+    (p,) = adagrad_preconditioner(model.optimizer, [kernel])
+    p = p.numpy().ravel()
+    # After the last measurement (step 3 of 0-3) no step ran, so P is the one used there.
+    assert sharpness.record.steps == [0, 3]
+    expected = max(20.0 / p[0], 1.0 / p[1])
+    assert sharpness.record.preconditioned_sharpness[-1] == pytest.approx(expected, rel=0.01)
+    assert sharpness.record.sharpness[-1] == pytest.approx(20.0, rel=0.01)
+
+
+def test_sharpness_monitor_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="every_n_steps"):
+        SharpnessMonitor((np.zeros((1, 2)), np.zeros((1, 1))), every_n_steps=0)
+    with pytest.raises(ValueError, match="batch"):
+        SharpnessMonitor(np.zeros((1, 2)))

@@ -1,0 +1,46 @@
+"""Stability toolkit: measure, detect and survive loss divergence (Clippy paper, Tang et al. KDD 2023).
+
+- `DivergenceMonitor` / `detect_divergence`: micro and full divergence per step, and an `InstabilityScore`.
+- `SharpnessMonitor` / `largest_hessian_eigenvalue`: lambda_max of the Hessian (plain and Adagrad-preconditioned)
+  against 2 / learning rate.
+"""
+
+from tfrs_clippy.stability.monitor import (
+    BatchLossReader,
+    DetectorConfig,
+    DivergenceEvent,
+    DivergenceMonitor,
+    DivergenceRecord,
+    InstabilityScore,
+    SpikeDetector,
+    detect_divergence,
+    plot_divergence,
+)
+from tfrs_clippy.stability.sharpness import (
+    SharpnessMonitor,
+    SharpnessRecord,
+    adagrad_preconditioner,
+    hessian_vector_product,
+    largest_hessian_eigenvalue,
+    plot_sharpness,
+    power_iteration,
+)
+
+__all__ = [
+    "BatchLossReader",
+    "DetectorConfig",
+    "DivergenceEvent",
+    "DivergenceMonitor",
+    "DivergenceRecord",
+    "InstabilityScore",
+    "SharpnessMonitor",
+    "SharpnessRecord",
+    "SpikeDetector",
+    "adagrad_preconditioner",
+    "detect_divergence",
+    "hessian_vector_product",
+    "largest_hessian_eigenvalue",
+    "plot_divergence",
+    "plot_sharpness",
+    "power_iteration",
+]

@@ -1,0 +1,322 @@
+"""Sharpness: the largest Hessian eigenvalue of the training loss, plain and Adagrad-preconditioned.
+
+Gradient descent with step eta on a loss whose Hessian has largest eigenvalue lambda_max is stable only if
+eta < 2 / lambda_max (the Clippy paper's explanation of divergence). For Adagrad the step is eta * P^-1 H with
+P = sqrt(G + epsilon) (G the accumulator), so what must stay below 2 / eta is the largest eigenvalue of P^-1 H,
+equal to that of the symmetric P^-1/2 H P^-1/2. Both are estimated by power iteration on Hessian-vector
+products (back-over-back automatic differentiation: two nested `tf.GradientTape`s), never forming H.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from tfrs_clippy.keras_runtime import keras
+from tfrs_clippy.stability import _plotting, _summary
+
+Vectors = List[tf.Tensor]
+"""One tensor per variable: a vector in parameter space."""
+
+
+def hessian_vector_product(loss_fn: Callable[[], tf.Tensor], variables: Sequence[Any], vectors: Vectors) -> Vectors:
+    """Returns H v, H the Hessian of `loss_fn()` with respect to `variables`, v given as `vectors`.
+
+    Args:
+        loss_fn: Computes the scalar loss from `variables` (reads them, takes no argument).
+        variables: The variables (tf.Variable or Keras variables).
+        vectors: One tensor per variable, of its shape.
+    """
+    with tf.GradientTape() as outer_tape:
+        with tf.GradientTape() as inner_tape:
+            loss = loss_fn()
+        gradients = inner_tape.gradient(loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        # Embedding gradients come as IndexedSlices; the inner product needs them dense.
+        directional_derivative = tf.add_n(
+            [tf.reduce_sum(tf.convert_to_tensor(g) * v) for g, v in zip(gradients, vectors)]
+        )
+    return outer_tape.gradient(directional_derivative, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+
+def _dot(a: Vectors, b: Vectors) -> tf.Tensor:
+    return tf.add_n([tf.reduce_sum(tf.cast(x, tf.float64) * tf.cast(y, tf.float64)) for x, y in zip(a, b)])
+
+
+@dataclasses.dataclass(frozen=True)
+class PowerIterationResult:
+    """The outcome of `power_iteration`.
+
+    Attributes:
+        eigenvalue: The Rayleigh quotient v^T A v of the final unit vector: the eigenvalue of largest magnitude,
+            with its sign.
+        iterations: How many matrix-vector products were spent.
+        converged: Whether successive estimates agreed within the tolerance before the budget ran out.
+    """
+
+    eigenvalue: float
+    iterations: int
+    converged: bool
+
+
+def power_iteration(
+    matvec: Callable[[Vectors], Vectors],
+    shapes: Sequence[Sequence[int]],
+    max_iterations: int = 20,
+    tolerance: float = 1e-3,
+    seed: int = 0,
+) -> PowerIterationResult:
+    """Estimates the largest-magnitude eigenvalue of the symmetric operator `matvec` by power iteration.
+
+    Args:
+        matvec: v -> A v on lists of tensors of `shapes`.
+        shapes: The shape of each tensor of a vector.
+        max_iterations: The budget of products A v (the cost bound).
+        tolerance: Stop when two successive estimates differ by at most `tolerance` times the latest.
+        seed: Seed of the random start vector.
+    """
+    if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or max_iterations < 1:
+        raise ValueError(f"`max_iterations` must be an int >= 1, got {max_iterations!r}.")
+    if not tolerance > 0:
+        raise ValueError(f"`tolerance` must be positive, got {tolerance}.")
+    generator = tf.random.Generator.from_seed(seed)
+    vector = [generator.normal(shape) for shape in shapes]
+    norm = tf.sqrt(_dot(vector, vector))
+    vector = [v / tf.cast(norm, v.dtype) for v in vector]
+    estimate = math.nan
+    for iteration in range(1, max_iterations + 1):
+        product = matvec(vector)
+        new_estimate = float(_dot(vector, product))
+        product_norm = float(tf.sqrt(_dot(product, product)))
+        if product_norm == 0.0:
+            return PowerIterationResult(0.0, iteration, True)
+        if not math.isfinite(product_norm):
+            return PowerIterationResult(math.nan, iteration, False)
+        vector = [tf.cast(p / product_norm, v.dtype) for p, v in zip(product, vector)]
+        if abs(new_estimate - estimate) <= tolerance * abs(new_estimate):
+            return PowerIterationResult(new_estimate, iteration, True)
+        estimate = new_estimate
+    return PowerIterationResult(estimate, max_iterations, False)
+
+
+def largest_hessian_eigenvalue(
+    loss_fn: Callable[[], tf.Tensor],
+    variables: Sequence[Any],
+    preconditioner: Optional[Vectors] = None,
+    max_iterations: int = 20,
+    tolerance: float = 1e-3,
+    seed: int = 0,
+) -> PowerIterationResult:
+    """The largest eigenvalue of the Hessian of `loss_fn()`, or of P^-1/2 H P^-1/2 with `preconditioner` = P.
+
+    Args:
+        loss_fn: Computes the scalar loss from `variables`.
+        variables: The variables to differentiate by.
+        preconditioner: Optional P, one positive tensor per variable of its shape (a diagonal matrix), e.g.
+            `adagrad_preconditioner(...)`.
+        max_iterations: Budget of Hessian-vector products.
+        tolerance: Relative tolerance between successive estimates.
+        seed: Seed of the start vector.
+    """
+    if preconditioner is None:
+        matvec = lambda vectors: hessian_vector_product(loss_fn, variables, vectors)  # noqa: E731
+    else:
+        inverse_roots = [tf.math.rsqrt(tf.cast(p, variable.dtype)) for p, variable in zip(preconditioner, variables)]
+
+        def matvec(vectors: Vectors) -> Vectors:
+            scaled = [r * v for r, v in zip(inverse_roots, vectors)]
+            return [r * hv for r, hv in zip(inverse_roots, hessian_vector_product(loss_fn, variables, scaled))]
+
+    shapes = [tuple(variable.shape) for variable in variables]
+    return power_iteration(matvec, shapes, max_iterations, tolerance, seed)
+
+
+def _accumulator(optimizer: Any, variable: Any) -> Any:
+    """The Adagrad accumulator slot of `variable`, looked up the way each Keras runtime's Adagrad does."""
+    if hasattr(optimizer, "_get_variable_index"):  # Keras 3
+        return optimizer._accumulators[optimizer._get_variable_index(variable)]  # pylint: disable=protected-access
+    return optimizer._accumulators[optimizer._index_dict[optimizer._var_key(variable)]]  # pylint: disable=protected-access
+
+
+def has_adagrad_accumulators(optimizer: Any) -> bool:
+    """Whether `optimizer` keeps Adagrad-style accumulators (Keras Adagrad and its subclasses) and is built."""
+    return bool(getattr(optimizer, "_accumulators", None)) and hasattr(optimizer, "epsilon")
+
+
+def adagrad_preconditioner(optimizer: Any, variables: Sequence[Any]) -> Vectors:
+    """P = sqrt(G + epsilon) for each variable: the per-coordinate denominator of an Adagrad step.
+
+    Raises:
+        ValueError: if the optimizer has no (built) Adagrad accumulators.
+    """
+    if not has_adagrad_accumulators(optimizer):
+        raise ValueError(f"`optimizer` {optimizer!r} has no Adagrad accumulators (is it built, is it Adagrad?).")
+    return [
+        tf.sqrt(tf.cast(tf.convert_to_tensor(_accumulator(optimizer, v)), v.dtype) + optimizer.epsilon)
+        for v in variables
+    ]
+
+
+def current_learning_rate(optimizer: Any) -> float:
+    """The optimizer's learning rate now (a schedule is evaluated at the optimizer's iteration)."""
+    learning_rate = optimizer.learning_rate
+    if isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule):
+        learning_rate = learning_rate(optimizer.iterations)
+    return float(np.asarray(learning_rate))
+
+
+@dataclasses.dataclass
+class SharpnessRecord:
+    """Measurements of `SharpnessMonitor`, one entry per measured step.
+
+    `preconditioned_sharpness` is NaN where it was not measured; `stability_threshold` is 2 / learning rate.
+    """
+
+    steps: List[int] = dataclasses.field(default_factory=list)
+    sharpness: List[float] = dataclasses.field(default_factory=list)
+    preconditioned_sharpness: List[float] = dataclasses.field(default_factory=list)
+    stability_threshold: List[float] = dataclasses.field(default_factory=list)
+
+
+class SharpnessMonitor(keras.callbacks.Callback):
+    """Every `every_n_steps` training steps, the sharpness of the training loss on a fixed batch against 2/eta.
+
+    Measures the largest Hessian eigenvalue and, for an Adagrad-type optimizer, the preconditioned sharpness
+    (largest eigenvalue of P^-1/2 H P^-1/2, P = sqrt(accumulator + epsilon)): training is locally unstable when
+    the relevant one exceeds `sharpness_threshold` = 2 / learning rate. The loss is evaluated with
+    `training=False` (so dropout does not make the Hessian random) plus the model's regularization losses. Cost per
+    measurement: at most `max_iterations` Hessian-vector products (each about two backward passes) on at most
+    `max_batch_size` examples, for each of the two sharpnesses.
+
+    Results go to `record`, to the batch logs of the measured step and the epoch logs (`sharpness`,
+    `preconditioned_sharpness`, `sharpness_threshold`, the latest values), and with `log_dir` to TensorBoard.
+
+    Args:
+        batch: (x, y), the fixed batch; x and y may be nested structures of tensors (dicts for multi-input).
+        every_n_steps: Measure after every this many steps (the first after step 0).
+        loss: A Keras loss (name or callable (y_true, y_pred)) for the batch; None uses the model's compiled loss,
+            which must then be a single loss.
+        preconditioned: Also measure the preconditioned sharpness: None when the optimizer has Adagrad
+            accumulators, True always (error otherwise), False never.
+        max_iterations: Power-iteration budget per measurement.
+        tolerance: Relative tolerance of power iteration.
+        max_batch_size: Use only the first this many examples of `batch`.
+        seed: Seed of the power iteration start vector (the same every measurement).
+        log_dir: If set, a directory to write TensorBoard scalars to.
+    """
+
+    def __init__(
+        self,
+        batch: Any,
+        every_n_steps: int = 100,
+        loss: Any = None,
+        preconditioned: Optional[bool] = None,
+        max_iterations: int = 20,
+        tolerance: float = 1e-3,
+        max_batch_size: int = 256,
+        seed: int = 0,
+        log_dir: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise ValueError(f"`batch` must be a pair (x, y), got {type(batch).__name__}.")
+        for name, value in (("every_n_steps", every_n_steps), ("max_batch_size", max_batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
+        if preconditioned not in (None, True, False):
+            raise ValueError(f"`preconditioned` must be None, True or False, got {preconditioned!r}.")
+        self.x, self.y = tf.nest.map_structure(lambda t: tf.convert_to_tensor(t)[:max_batch_size], tuple(batch))
+        self.every_n_steps = every_n_steps
+        self.loss = loss
+        self.preconditioned = preconditioned
+        self.max_iterations = max_iterations
+        self.tolerance = tolerance
+        self.seed = seed
+        self.log_dir = log_dir
+        self.record = SharpnessRecord()
+        self._step = 0
+        self._loss_object: Optional[Callable[[Any, Any], tf.Tensor]] = None
+        self._writer: Optional[tf.summary.SummaryWriter] = None
+
+    def on_train_begin(self, logs: Optional[Dict[str, Any]] = None) -> None:
+        loss = self.loss if self.loss is not None else getattr(self.model, "loss", None)
+        if isinstance(loss, str):
+            loss = keras.losses.get(loss)
+        if not callable(loss):
+            raise ValueError(
+                f"`loss` must be given when the model's compiled loss is not a single loss, got model loss {loss!r}."
+            )
+        self._loss_object = loss
+        if self.log_dir is not None and self._writer is None:
+            self._writer = tf.summary.create_file_writer(self.log_dir)
+
+    def _training_loss(self) -> tf.Tensor:
+        predictions = self.model(self.x, training=False)
+        loss = tf.reduce_mean(self._loss_object(self.y, predictions))
+        return loss + tf.add_n(self.model.losses) if self.model.losses else loss
+
+    def measure(self) -> Dict[str, float]:
+        """Measures now; returns {"sharpness", "preconditioned_sharpness", "sharpness_threshold"} (NaN if unmeasured)."""
+        variables = list(self.model.trainable_variables)
+        bounds = dict(max_iterations=self.max_iterations, tolerance=self.tolerance, seed=self.seed)
+        sharpness = largest_hessian_eigenvalue(self._training_loss, variables, **bounds).eigenvalue
+        optimizer = self.model.optimizer
+        preconditioned = has_adagrad_accumulators(optimizer) if self.preconditioned is None else self.preconditioned
+        preconditioned_sharpness = math.nan
+        if preconditioned:
+            preconditioner = adagrad_preconditioner(optimizer, variables)
+            preconditioned_sharpness = largest_hessian_eigenvalue(
+                self._training_loss, variables, preconditioner, **bounds
+            ).eigenvalue
+        learning_rate = current_learning_rate(optimizer)
+        return {
+            "sharpness": sharpness,
+            "preconditioned_sharpness": preconditioned_sharpness,
+            "sharpness_threshold": 2.0 / learning_rate if learning_rate > 0 else math.inf,
+        }
+
+    def on_train_batch_end(self, batch: int, logs: Optional[Dict[str, Any]] = None) -> None:
+        step, self._step = self._step, self._step + 1
+        if step % self.every_n_steps:
+            return
+        values = self.measure()
+        self.record.steps.append(step)
+        self.record.sharpness.append(values["sharpness"])
+        self.record.preconditioned_sharpness.append(values["preconditioned_sharpness"])
+        self.record.stability_threshold.append(values["sharpness_threshold"])
+        if logs is not None:
+            logs.update(values)
+        if self._writer is not None:
+            with self._writer.as_default():
+                for name, value in values.items():
+                    _summary.write_scalar(name, value, step)
+
+    def on_epoch_end(self, epoch: int, logs: Optional[Dict[str, Any]] = None) -> None:
+        if logs is not None and self.record.steps:
+            logs["sharpness"] = self.record.sharpness[-1]
+            logs["preconditioned_sharpness"] = self.record.preconditioned_sharpness[-1]
+            logs["sharpness_threshold"] = self.record.stability_threshold[-1]
+
+    def on_train_end(self, logs: Optional[Dict[str, Any]] = None) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+
+def plot_sharpness(record: SharpnessRecord, path: str, title: str = "Sharpness against the stability threshold") -> str:
+    """Plots sharpness, preconditioned sharpness and 2/eta over steps (log scale) to a PNG at `path`; returns it."""
+    if not record.steps:
+        raise ValueError("`record` has no measurements to plot.")
+    pyplot = _plotting.pyplot()
+    figure, axes = pyplot.subplots(figsize=(7, 4))
+    axes.plot(record.steps, np.abs(record.sharpness), marker="o", label="|lambda_max(H)|")
+    if not np.all(np.isnan(record.preconditioned_sharpness)):
+        axes.plot(record.steps, np.abs(record.preconditioned_sharpness), marker="s", label="|lambda_max(P^-1/2 H P^-1/2)|")
+    axes.plot(record.steps, record.stability_threshold, linestyle="--", color="black", label="2 / learning rate")
+    axes.set_yscale("log")
+    axes.set_xlabel("step")
+    axes.set_title(title)
+    axes.legend()
+    return _plotting.save_png(figure, path)
