@@ -18,12 +18,14 @@ from tfrs_clippy.keras_runtime import keras
 BottomOutput = tuple[list[tf.Tensor], dict[str, tf.Tensor]]
 
 
+def dense_layers(units: Sequence[int], activation: str, kernel_initializer: str) -> list[keras.layers.Dense]:
+    """One Dense layer per width in `units`, each with `activation`."""
+    return [keras.layers.Dense(width, activation=activation, kernel_initializer=kernel_initializer) for width in units]
+
+
 def dense_stack(units: Sequence[int], activation: str, kernel_initializer: str, name: str) -> keras.Sequential:
-    """An MLP: one Dense layer per width in `units`, each with `activation`."""
-    return keras.Sequential(
-        [keras.layers.Dense(width, activation=activation, kernel_initializer=kernel_initializer) for width in units],
-        name=name,
-    )
+    """An MLP of `dense_layers` (at least one width: Keras cannot call an empty Sequential)."""
+    return keras.Sequential(dense_layers(units, activation, kernel_initializer), name=name)
 
 
 class CrossNetwork(keras.layers.Layer):

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
-from models.bottoms import CrossNetwork, dense_stack, make_bottom
+from models.bottoms import CrossNetwork, dense_layers, make_bottom
 from models.config import RankerConfig
 from models.embedding import FeatureEmbedding, feature_signature, placeholder_features
 from tfrs_clippy.data.spec import DatasetSpec, TaskSpec
@@ -79,10 +79,8 @@ class Ranker(tfrs.models.Model):
         tower_units = config.scaled(config.tower_units)
         self.towers = {
             name: keras.Sequential(
-                [
-                    dense_stack(tower_units, config.activation, config.kernel_initializer, name=f"{name}_hidden"),
-                    keras.layers.Dense(1, kernel_initializer=config.kernel_initializer, name=f"{name}_logit"),
-                ],
+                dense_layers(tower_units, config.activation, config.kernel_initializer)
+                + [keras.layers.Dense(1, kernel_initializer=config.kernel_initializer, name=f"{name}_logit")],
                 name=f"tower_{name}",
             )
             for name in task_names
