@@ -12,6 +12,7 @@ sparse (`apply_sparse`, touched rows only). Both Keras adapters call these funct
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple, Optional, Protocol, Sequence
 
 import tensorflow as tf
@@ -41,6 +42,13 @@ class ScalingRule(Protocol):
         ...
 
 
+def _scaled_term(threshold: float, reference: tf.Tensor) -> tf.Tensor:
+    """threshold * reference, where an infinite threshold means "no limit" (inf) but still 0 for a 0 reference."""
+    if math.isinf(threshold):
+        return tf.where(reference > 0, math.inf, 0.0)
+    return threshold * reference
+
+
 @dataclasses.dataclass(frozen=True)
 class ClippyRule:
     """Clippy's rule: the largest sigma <= 1 with sigma*|u_i| <= rel*|w_i| + acc_rel*p_i + abs for every i.
@@ -59,8 +67,8 @@ class ClippyRule:
         """The largest move each coordinate may make."""
         return (
             self.absolute_threshold
-            + self.variable_relative_threshold * tf.abs(step.variable)
-            + self.accumulator_relative_threshold * step.precondition
+            + _scaled_term(self.variable_relative_threshold, tf.abs(step.variable))
+            + _scaled_term(self.accumulator_relative_threshold, step.precondition)
         )
 
     def __call__(self, step: StepInputs, reduce_axes: Sequence[int]) -> tf.Tensor:

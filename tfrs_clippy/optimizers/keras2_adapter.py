@@ -14,6 +14,9 @@ class KerasAdapter(ScaledAdagradMixin, tf_keras.optimizers.Optimizer):
     """Owns slots, learning rate and config on Keras 2; `ScaledAdagradMixin` and `core` do the rest."""
 
     def _init_keras_base(self, learning_rate: Any, name: str, kwargs: dict) -> None:
+        # The Keras 2 base defaults weight_decay to 0, not None, and then decays every variable, whole embedding
+        # tables included, by 0 at every step: a full-table read and write that costs ~100x a sparse update.
+        kwargs.setdefault("weight_decay", None)
         tf_keras.optimizers.Optimizer.__init__(self, name=name, **kwargs)
         self._learning_rate = self._build_learning_rate(learning_rate)
 
@@ -42,6 +45,11 @@ class KerasAdapter(ScaledAdagradMixin, tf_keras.optimizers.Optimizer):
             slot = tf.Variable(tf.constant(value, dtype), name=f"{name}/{variable._shared_name}", trainable=False)
         self._variables.append(slot)
         return slot
+
+    def _deduplicate_sparse_grad(self, grads):
+        # `core.apply_sparse` sums repeated ids itself, with static shapes. The base's `tf.unique` gives a dynamic
+        # shape that XLA (jit_compile=True) miscompiles here: the accumulator's scatter was silently dropped.
+        return grads
 
     def _slot_index(self, variable) -> int:
         return self._index_dict[self._var_key(variable)]
