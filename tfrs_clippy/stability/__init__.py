@@ -1,6 +1,7 @@
 """Stability toolkit: measure, detect and survive loss divergence (Clippy paper, Tang et al. KDD 2023).
 
 - `DivergenceMonitor` / `detect_divergence`: micro and full divergence per step, and an `InstabilityScore`.
+- `RollbackOnDivergence`: restore a snapshot from before a spike, skip batches, optionally lower the learning rate.
 - `SharpnessMonitor` / `largest_hessian_eigenvalue`: lambda_max of the Hessian (plain and Adagrad-preconditioned)
   against 2 / learning rate.
 """
@@ -16,6 +17,7 @@ from tfrs_clippy.stability.monitor import (
     detect_divergence,
     plot_divergence,
 )
+from tfrs_clippy.stability.rollback import RollbackEvent, RollbackOnDivergence, Snapshot
 from tfrs_clippy.stability.sharpness import (
     SharpnessMonitor,
     SharpnessRecord,
@@ -33,8 +35,11 @@ __all__ = [
     "DivergenceMonitor",
     "DivergenceRecord",
     "InstabilityScore",
+    "RollbackEvent",
+    "RollbackOnDivergence",
     "SharpnessMonitor",
     "SharpnessRecord",
+    "Snapshot",
     "SpikeDetector",
     "adagrad_preconditioner",
     "detect_divergence",

@@ -161,11 +161,8 @@ def adagrad_preconditioner(optimizer: Any, variables: Sequence[Any]) -> Vectors:
 
 
 def current_learning_rate(optimizer: Any) -> float:
-    """The optimizer's learning rate now (a schedule is evaluated at the optimizer's iteration)."""
-    learning_rate = optimizer.learning_rate
-    if isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule):
-        learning_rate = learning_rate(optimizer.iterations)
-    return float(np.asarray(learning_rate))
+    """The optimizer's learning rate now; with a schedule, both runtimes return its current value."""
+    return float(np.asarray(optimizer.learning_rate))
 
 
 @dataclasses.dataclass
