@@ -130,7 +130,7 @@ class Ranker(tfrs.models.Model):
         if not isinstance(inputs, (tuple, list)) or len(inputs) not in (2, 3):
             raise ValueError(
                 "Ranker.compute_loss: inputs must be (features, labels) or (features, labels, sample_weight), "
-                f"got {type(inputs).__name__} of length {len(inputs) if isinstance(inputs, (tuple, list)) else 1}."
+                f"got a {type(inputs).__name__} of {len(inputs)} items."
             )
         features, labels = inputs[0], inputs[1]
         sample_weight = inputs[2] if len(inputs) == 3 else None
