@@ -4,8 +4,10 @@
 - `RollbackOnDivergence`: restore a snapshot from before a spike, skip batches, optionally lower the learning rate.
 - `SharpnessMonitor` / `largest_hessian_eigenvalue`: lambda_max of the Hessian (plain and Adagrad-preconditioned)
   against 2 / learning rate.
+- `ClippingFactorLogger` / `plot_clipping_factors`: the optimizer's per-variable clipping factors over steps.
 """
 
+from tfrs_clippy.stability.clipping_log import ClippingFactorLogger, ClippingFactorRecord, plot_clipping_factors
 from tfrs_clippy.stability.monitor import (
     BatchLossReader,
     DetectorConfig,
@@ -30,6 +32,8 @@ from tfrs_clippy.stability.sharpness import (
 
 __all__ = [
     "BatchLossReader",
+    "ClippingFactorLogger",
+    "ClippingFactorRecord",
     "DetectorConfig",
     "DivergenceEvent",
     "DivergenceMonitor",
@@ -45,6 +49,7 @@ __all__ = [
     "detect_divergence",
     "hessian_vector_product",
     "largest_hessian_eigenvalue",
+    "plot_clipping_factors",
     "plot_divergence",
     "plot_sharpness",
     "power_iteration",

@@ -134,16 +134,22 @@ def largest_hessian_eigenvalue(
     return power_iteration(matvec, shapes, max_iterations, tolerance, seed)
 
 
+# Neither Keras exposes Adagrad's accumulator publicly; these lookups mirror each optimizer's own `update_step`.
+# pylint: disable=protected-access
 def _accumulator(optimizer: Any, variable: Any) -> Any:
-    """The Adagrad accumulator slot of `variable`, looked up the way each Keras runtime's Adagrad does."""
+    """The accumulator G of `variable` in Keras 3 Adagrad, tf_keras Adagrad or tfrs_clippy's scaled Adagrads."""
+    if hasattr(optimizer, "_slots") and hasattr(optimizer, "_slot_index"):  # tfrs_clippy ClippyAdagrad, baselines
+        return optimizer._slots[optimizer._slot_index(variable)].accumulator
     if hasattr(optimizer, "_get_variable_index"):  # Keras 3
-        return optimizer._accumulators[optimizer._get_variable_index(variable)]  # pylint: disable=protected-access
-    return optimizer._accumulators[optimizer._index_dict[optimizer._var_key(variable)]]  # pylint: disable=protected-access
+        return optimizer._accumulators[optimizer._get_variable_index(variable)]
+    return optimizer._accumulators[optimizer._index_dict[optimizer._var_key(variable)]]
 
 
 def has_adagrad_accumulators(optimizer: Any) -> bool:
-    """Whether `optimizer` keeps Adagrad-style accumulators (Keras Adagrad and its subclasses) and is built."""
-    return bool(getattr(optimizer, "_accumulators", None)) and hasattr(optimizer, "epsilon")
+    """Whether `optimizer` is a built Adagrad-type optimizer `adagrad_preconditioner` can read."""
+    built = bool(getattr(optimizer, "_slots", None)) or bool(getattr(optimizer, "_accumulators", None))
+    return built and hasattr(optimizer, "epsilon")
+# pylint: enable=protected-access
 
 
 def adagrad_preconditioner(optimizer: Any, variables: Sequence[Any]) -> Vectors:

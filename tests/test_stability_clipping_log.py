@@ -1,0 +1,98 @@
+"""ClippingFactorLogger and its plot, with a stand-in optimizer and with ClippyAdagrad."""
+
+import math
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfrs_clippy.keras_runtime import keras
+from tfrs_clippy.stability import ClippingFactorLogger, SharpnessMonitor, plot_clipping_factors
+from tfrs_clippy.stability.clipping_log import ClippingFactorRecord, layer_of
+
+
+class FactorReportingSGD(keras.optimizers.SGD):
+    """SGD that reports a made-up clipping factor per variable: 1 / (1 + iterations * (index + 1))."""
+
+    def clipping_factors_by_name(self):
+        variables = self._tracked_model_variables
+        iterations = tf.cast(self.iterations, tf.float32)
+        return {_name(v): 1.0 / (1.0 + iterations * (index + 1)) for index, v in enumerate(variables)}
+
+
+def _name(variable) -> str:
+    """A unique variable name in both runtimes (Keras 3's `name` is just "kernel"; its `path` is unique)."""
+    return getattr(variable, "path", None) or variable.name
+
+
+def _model(optimizer) -> keras.Model:
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(4, name="hidden"), keras.layers.Dense(1, name="head")]
+    )
+    model.compile(optimizer=optimizer, loss="mse")
+    return model
+
+
+def _data():
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((64, 3)).astype(np.float32)
+    return features, features.sum(axis=1, keepdims=True)
+
+
+def test_logger_records_every_nth_step_and_logs_epoch_means(tmp_path):
+    model = _model(FactorReportingSGD(0.01))
+    model.optimizer._tracked_model_variables = model.trainable_variables  # what the stand-in reports on
+    logger = ClippingFactorLogger(every_n_steps=2, log_dir=str(tmp_path / "tb"))
+    history = model.fit(*_data(), batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=[logger])
+    assert logger.record.steps == list(range(0, 16, 2))
+    first = _name(model.trainable_variables[0])
+    # Measured after step s, the optimizer has done s + 1 iterations.
+    np.testing.assert_allclose(logger.record.factors[first], [1.0 / (1.0 + (s + 1)) for s in range(0, 16, 2)])
+    tag = "clipping_factor/" + first.split(":")[0]
+    assert history.history[tag][0] == pytest.approx(np.mean([1.0 / (2.0 + s) for s in range(0, 8, 2)]))
+    assert history.history["clipping_factor/min"][1] == pytest.approx(1.0 / (1.0 + 15 * 4))
+    path = plot_clipping_factors(logger.record, str(tmp_path / "factors.png"))
+    assert os.path.getsize(path) > 1000
+
+
+def test_logger_needs_an_optimizer_that_exports_factors():
+    model = _model(keras.optimizers.SGD(0.01))
+    with pytest.raises(ValueError, match="clipping_factors_by_name"):
+        model.fit(*_data(), epochs=1, verbose=0, callbacks=[ClippingFactorLogger()])
+    with pytest.raises(ValueError, match="every_n_steps"):
+        ClippingFactorLogger(every_n_steps=0)
+
+
+def test_record_fills_missing_variables_with_nan_and_groups_by_layer():
+    record = ClippingFactorRecord()
+    record.add(0, {"a/kernel:0": 1.0})
+    record.add(1, {"a/kernel:0": 0.5, "b/bias:0": 0.25})
+    assert record.factors["a/kernel:0"] == [1.0, 0.5]
+    assert math.isnan(record.factors["b/bias:0"][0]) and record.factors["b/bias:0"][1] == 0.25
+    assert [layer_of(name) for name in ("model/dense_1/kernel:0", "sequential/head/bias", "x")] == [
+        "model/dense_1",
+        "sequential/head",
+        "x",
+    ]
+
+
+def test_with_clippy_adagrad_factors_and_preconditioned_sharpness(tmp_path):
+    from tfrs_clippy import ClippyAdagrad  # pylint: disable=import-outside-toplevel
+
+    # A large learning rate so that clipping bites.
+    model = _model(ClippyAdagrad(learning_rate=1.0, export_clipping_factors=True))
+    features, targets = _data()
+    logger = ClippingFactorLogger()
+    sharpness = SharpnessMonitor((features, targets), every_n_steps=4, max_iterations=30)
+    model.fit(features, targets, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[logger, sharpness])
+    assert len(logger.record.factors) == 4  # two kernels, two biases
+    values = np.array(list(logger.record.factors.values()))
+    assert np.all((values > 0.0) & (values <= 1.0))
+    assert values.min() < 0.5  # lr 1.0 steps are far larger than 0.1 * |w|: clipped
+    final = {name: float(v) for name, v in model.optimizer.clipping_factors_by_name().items()}
+    assert [logger.record.factors[name][-1] for name in final] == pytest.approx(list(final.values()))
+    # ClippyAdagrad's accumulators are read for the preconditioned sharpness.
+    assert sharpness.record.steps == [0, 4]
+    assert all(np.isfinite(sharpness.record.preconditioned_sharpness))
+    assert plot_clipping_factors(logger.record, str(tmp_path / "clippy.png"))

@@ -1,0 +1,138 @@
+"""Logging and plotting per-variable clipping factors of ClippyAdagrad (and of the baselines' scaling factors).
+
+Works with any optimizer that has `clipping_factors_by_name()`, returning {model variable name: scalar} for the
+last step (ClippyAdagrad with `export_clipping_factors=True`, and the baselines). A factor of 1 means the step was
+not clipped; a factor near 0 means the update was almost entirely suppressed.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import re
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from tfrs_clippy.keras_runtime import keras
+from tfrs_clippy.stability import _plotting, _summary
+
+_TAG_PREFIX = "clipping_factor/"
+
+
+@dataclasses.dataclass
+class ClippingFactorRecord:
+    """Clipping factors over steps: `factors[name][i]` is the factor of variable `name` at `steps[i]` (NaN if absent)."""
+
+    steps: List[int] = dataclasses.field(default_factory=list)
+    factors: Dict[str, List[float]] = dataclasses.field(default_factory=dict)
+
+    def add(self, step: int, factors: Dict[str, float]) -> None:
+        """Appends one step's factors."""
+        for name in factors:
+            self.factors.setdefault(name, [math.nan] * len(self.steps))
+        self.steps.append(step)
+        for name, values in self.factors.items():
+            values.append(float(factors.get(name, math.nan)))
+
+
+def _summary_tag(name: str) -> str:
+    # Summary tags allow only these characters; Keras 2 names end in ":0".
+    return _TAG_PREFIX + re.sub(r"[^A-Za-z0-9_./-]", "_", name.split(":")[0])
+
+
+def layer_of(variable_name: str) -> str:
+    """The layer part of a variable name: "model/dense_1/kernel:0" -> "model/dense_1"."""
+    name = variable_name.split(":")[0]
+    return name.rsplit("/", 1)[0] if "/" in name else name
+
+
+class ClippingFactorLogger(keras.callbacks.Callback):
+    """Records `optimizer.clipping_factors_by_name()` every `every_n_steps` steps.
+
+    Per measured step the factors go to `record` and, with `log_dir`, to TensorBoard as `clipping_factor/<name>`
+    (and `clipping_factor/min`). At the end of each epoch the epoch logs (hence History and a later TensorBoard
+    callback) get each variable's mean factor over the epoch's measured steps, and `clipping_factor/min`, the
+    smallest factor seen in the epoch. Batch logs are left alone: with many variables they would flood the progress
+    bar.
+
+    Args:
+        every_n_steps: Record after every this many steps (the first after step 0).
+        log_dir: If set, a directory to write per-step TensorBoard scalars to.
+    """
+
+    def __init__(self, every_n_steps: int = 1, log_dir: Optional[str] = None) -> None:
+        super().__init__()
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"`every_n_steps` must be an int >= 1, got {every_n_steps!r}.")
+        self.every_n_steps = every_n_steps
+        self.log_dir = log_dir
+        self.record = ClippingFactorRecord()
+        self._step = 0
+        self._epoch_start_index = 0
+        self._writer: Optional[tf.summary.SummaryWriter] = None
+
+    def on_train_begin(self, logs: Optional[Dict[str, Any]] = None) -> None:
+        if not callable(getattr(self.model.optimizer, "clipping_factors_by_name", None)):
+            raise ValueError(
+                f"The model's optimizer {type(self.model.optimizer).__name__} has no `clipping_factors_by_name()`; "
+                "use ClippyAdagrad with export_clipping_factors=True (or a baseline that exports factors)."
+            )
+        if self.log_dir is not None and self._writer is None:
+            self._writer = tf.summary.create_file_writer(self.log_dir)
+
+    def on_epoch_begin(self, epoch: int, logs: Optional[Dict[str, Any]] = None) -> None:
+        self._epoch_start_index = len(self.record.steps)
+
+    def on_train_batch_end(self, batch: int, logs: Optional[Dict[str, Any]] = None) -> None:
+        step, self._step = self._step, self._step + 1
+        if step % self.every_n_steps:
+            return
+        factors = {
+            name: float(np.asarray(value)) for name, value in self.model.optimizer.clipping_factors_by_name().items()
+        }
+        self.record.add(step, factors)
+        if self._writer is not None and factors:
+            with self._writer.as_default():
+                for name, value in factors.items():
+                    _summary.write_scalar(_summary_tag(name), value, step)
+                _summary.write_scalar(_TAG_PREFIX + "min", min(factors.values()), step)
+
+    def on_epoch_end(self, epoch: int, logs: Optional[Dict[str, Any]] = None) -> None:
+        if logs is None or len(self.record.steps) == self._epoch_start_index:
+            return
+        epoch_values = {name: values[self._epoch_start_index:] for name, values in self.record.factors.items()}
+        for name, values in epoch_values.items():
+            logs[_summary_tag(name)] = float(np.nanmean(values))
+        logs[_TAG_PREFIX + "min"] = float(np.nanmin([np.nanmin(values) for values in epoch_values.values()]))
+
+    def on_train_end(self, logs: Optional[Dict[str, Any]] = None) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+
+def plot_clipping_factors(record: ClippingFactorRecord, path: str, title: str = "Clipping factors") -> str:
+    """Plots each variable's factor over steps, one panel per layer, to a PNG at `path`; returns `path`."""
+    if not record.steps:
+        raise ValueError("`record` has no steps to plot.")
+    by_layer: Dict[str, List[str]] = collections.defaultdict(list)
+    for name in record.factors:
+        by_layer[layer_of(name)].append(name)
+    pyplot = _plotting.pyplot()
+    columns = min(3, len(by_layer))
+    rows = math.ceil(len(by_layer) / columns)
+    figure, axes = pyplot.subplots(rows, columns, figsize=(4.5 * columns, 3 * rows), squeeze=False, sharey=True)
+    for axis, (layer, names) in zip(axes.flat, sorted(by_layer.items())):
+        for name in names:
+            axis.plot(record.steps, record.factors[name], label=name.split(":")[0].rsplit("/", 1)[-1])
+        axis.set_title(layer, fontsize=9)
+        axis.set_ylim(-0.05, 1.05)
+        axis.set_xlabel("step")
+        axis.legend(fontsize=7)
+    for axis in list(axes.flat)[len(by_layer):]:
+        axis.set_visible(False)
+    axes[0][0].set_ylabel("clipping factor")
+    figure.suptitle(title)
+    return _plotting.save_png(figure, path)
