@@ -1,5 +1,26 @@
-"""Datasets, feature specs and input pipelines."""
+"""Datasets, feature specs and input pipelines.
 
+Every dataset function returns `Splits`: unbatched `tf.data.Dataset`s of `(features, labels)` dictionaries in time
+order, and the `DatasetSpec` that describes them; `make_pipeline` batches them for training.
+"""
+
+from tfrs_clippy.data.census import census_income
+from tfrs_clippy.data.movielens import movielens_100k
+from tfrs_clippy.data.pipeline import make_pipeline
 from tfrs_clippy.data.spec import DatasetSpec, FeatureSpec, TaskSpec
+from tfrs_clippy.data.synthetic import synthetic
+from tfrs_clippy.data.tables import OOV_TOKEN, DataError, MissingDataPackageError, Splits
 
-__all__ = ["DatasetSpec", "FeatureSpec", "TaskSpec"]
+__all__ = [
+    "DataError",
+    "DatasetSpec",
+    "FeatureSpec",
+    "MissingDataPackageError",
+    "OOV_TOKEN",
+    "Splits",
+    "TaskSpec",
+    "census_income",
+    "make_pipeline",
+    "movielens_100k",
+    "synthetic",
+]

@@ -1,0 +1,234 @@
+"""Synthetic multitask ranking data at the scale of real tables, generated as a stream.
+
+Every example is a function of (seed, position in the stream): the stream is cut into chunks of `CHUNK_SIZE`
+examples, and chunk `c` draws its randomness from stateless ops keyed on (seed, c). So the data is identical on
+every run and machine, any slice of the stream can be generated without the examples before it, and only one chunk
+is in memory at a time: 10M examples cost the memory of 4,096.
+
+The hidden teacher:
+- Each categorical feature has ids 1..V-1 (id 0, the OOV bucket, never occurs) drawn from a Zipf law with exponent
+  `zipf_exponent`: P(id = k) is proportional to k ** -s, so id 1 is the most popular. The 1,024 most popular ids
+  are drawn exactly, the rest by rounding a continuous power law: O(1) memory per example for any V.
+- Each id has a teacher embedding, a row of a fixed random table of `TEACHER_BUCKETS` rows picked by a
+  multiplicative hash of the id: a 1e7-id vocabulary does not need a 1e7-row table, and head ids get distinct rows.
+- The numeric feature is standard normal. The teacher's hidden layer is relu of a fixed random projection of the
+  concatenated teacher embeddings and numeric values, centred; each task reads it with its own linear head.
+- Distribution shift: each task head rotates in the plane of two fixed random directions, by `drift` radians per
+  million examples. What the labels mean changes slowly over time, the paper's root cause of instability.
+- Tasks are correlated: every head direction mixes a direction shared by all tasks with one of its own.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from tfrs_clippy.data import tables
+from tfrs_clippy.data.pipeline import examples_from_chunks
+from tfrs_clippy.data.spec import DatasetSpec, FeatureSpec, TaskSpec
+
+NAME = "synthetic"
+CHUNK_SIZE = 4096
+"""Examples generated per random draw. Part of the data's definition: changing it changes the data."""
+
+ZIPF_HEAD = 1024
+"""The most popular ids, which the Zipf sampler draws exactly."""
+
+TEACHER_BUCKETS = 1 << 16
+TEACHER_DIM = 8
+TEACHER_HIDDEN = 32
+_HASH_MULTIPLIER = 2654435761
+"""Knuth's multiplicative hash constant, close to 2**32 / golden ratio; an id < 2**31 times it fits in int64."""
+
+TASK_CORRELATION = 0.5
+"""Share of each head direction's variance that all tasks have in common."""
+
+BINARY_LOGIT_SCALE = 2.0
+BINARY_LOGIT_BIAS = -1.0
+"""A binary label is Bernoulli(sigmoid(2 * score - 1)) with score ~ N(0, 1): a positive rate near 30%."""
+
+REGRESSION_NOISE = 0.5
+
+_RELU_MEAN = 1.0 / math.sqrt(2.0 * math.pi)
+"""E[relu(z)] for z ~ N(0, 1)."""
+
+
+def _power_law_integral(low: float, high: float, exponent: float) -> float:
+    """The integral of x ** -exponent from low to high."""
+    if abs(exponent - 1.0) < 1e-9:
+        return math.log(high / low)
+    return (high ** (1.0 - exponent) - low ** (1.0 - exponent)) / (1.0 - exponent)
+
+
+class _ZipfSampler:
+    """Draws ids k in [1, vocabulary_size) with P(k) proportional to k ** -exponent, in O(1) memory per draw.
+
+    The `ZIPF_HEAD` most popular ids are drawn exactly, by searching their cumulative distribution. Beyond them,
+    the mass of id k is taken as the integral of x ** -s over [k - 1/2, k + 1/2) (relative error below s(s+1)/(24
+    k^2) < 1e-6 there), so an id is the rounded draw of a continuous power law, by inverting its CDF.
+    """
+
+    def __init__(self, vocabulary_size: int, exponent: float) -> None:
+        self.exponent = exponent
+        self.head = min(ZIPF_HEAD, vocabulary_size - 1)
+        head_mass = np.arange(1, self.head + 1, dtype=np.float64) ** -exponent
+        self.tail_low, self.tail_high = self.head + 0.5, vocabulary_size - 0.5
+        tail_mass = _power_law_integral(self.tail_low, self.tail_high, exponent)
+        total = head_mass.sum() + tail_mass
+        self.head_cdf = tf.constant(np.cumsum(head_mass) / total)
+        self.head_probability = float(head_mass.sum() / total)
+        self.vocabulary_size = vocabulary_size
+
+    def __call__(self, uniform: tf.Tensor) -> tf.Tensor:
+        """int64 ids from float64 uniforms in [0, 1)."""
+        head_ids = tf.searchsorted(self.head_cdf, uniform, side="right") + 1
+        # Rescale the uniforms that fall in the tail to [0, 1), and invert the tail's CDF.
+        tail_uniform = tf.clip_by_value((uniform - self.head_probability) / (1.0 - self.head_probability), 0.0, 1.0)
+        low, high = self.tail_low, self.tail_high
+        if abs(self.exponent - 1.0) < 1e-9:
+            continuous = low * tf.pow(high / low, tail_uniform)
+        else:
+            power = 1.0 - self.exponent
+            continuous = tf.pow(low**power + tail_uniform * (high**power - low**power), 1.0 / power)
+        tail_ids = tf.clip_by_value(tf.cast(tf.round(continuous), tf.int64), self.head + 1, self.vocabulary_size - 1)
+        return tf.where(uniform < self.head_probability, tf.cast(head_ids, tf.int64), tail_ids)
+
+
+def _teacher_bucket(ids: tf.Tensor) -> tf.Tensor:
+    """The row of an id's teacher embedding: the top 16 of the low 32 bits of id * the hash multiplier."""
+    hashed = tf.bitwise.bitwise_and(ids * _HASH_MULTIPLIER, 0xFFFFFFFF)
+    return tf.bitwise.right_shift(hashed, 32 - int(math.log2(TEACHER_BUCKETS)))
+
+
+class _Teacher:
+    """The fixed random parameters of the hidden teacher, all derived from the seed."""
+
+    def __init__(self, seed: int, num_categorical: int, numeric_dim: int, num_tasks: int) -> None:
+        keys = tf.random.experimental.stateless_split(tf.constant([seed, 0], tf.int64), num=num_categorical + 3)
+        self.tables = [
+            tf.random.stateless_normal([TEACHER_BUCKETS, TEACHER_DIM], seed=keys[f]) for f in range(num_categorical)
+        ]
+        input_dim = num_categorical * TEACHER_DIM + numeric_dim
+        self.projection = tf.random.stateless_normal(
+            [input_dim, TEACHER_HIDDEN], seed=keys[num_categorical], stddev=1.0 / math.sqrt(input_dim)
+        )
+        # A unit-variance pre-activation z gives relu(z) mean 1/sqrt(2 pi) and variance 1/2 - 1/(2 pi); the hidden
+        # layer is centred and heads get variance 1 / (HIDDEN * that), so every task's score is near N(0, 1).
+        head_std = 1.0 / math.sqrt(TEACHER_HIDDEN * (0.5 - 0.5 / math.pi))
+        shared = tf.random.stateless_normal([2, TEACHER_HIDDEN, 1], seed=keys[num_categorical + 1], stddev=head_std)
+        own = tf.random.stateless_normal(
+            [2, TEACHER_HIDDEN, num_tasks], seed=keys[num_categorical + 2], stddev=head_std
+        )
+        # heads[0] is each task's direction at position 0; heads[1] the direction it rotates towards.
+        self.heads = math.sqrt(TASK_CORRELATION) * shared + math.sqrt(1.0 - TASK_CORRELATION) * own
+
+    def scores(self, ids: Sequence[tf.Tensor], numeric: tf.Tensor, angle: tf.Tensor) -> tf.Tensor:
+        """[batch, num_tasks] float32 scores of a chunk; `angle` [batch] is each example's head rotation."""
+        embeddings = [tf.gather(table, _teacher_bucket(f_ids)) for table, f_ids in zip(self.tables, ids)]
+        hidden = tf.nn.relu(tf.concat(embeddings + [numeric], axis=1) @ self.projection) - _RELU_MEAN
+        start, end = hidden @ self.heads[0], hidden @ self.heads[1]
+        return tf.cos(angle)[:, None] * start + tf.sin(angle)[:, None] * end
+
+
+def synthetic(
+    num_train: int = 1_000_000,
+    num_test: int = 100_000,
+    vocabulary_sizes: Sequence[int] = (1_000, 10_000, 100_000, 1_000_000, 10_000_000),
+    zipf_exponent: float = 1.1,
+    numeric_dim: int = 8,
+    task_kinds: Sequence[str] = ("binary", "binary", "regression"),
+    drift: float = 1.0,
+    embedding_dim: int = 16,
+    seed: int = 0,
+) -> tables.Splits:
+    """A streamed synthetic ranking dataset: Zipf ids, numeric features, K tasks from a drifting hidden teacher.
+
+    `train` is the first `num_train` examples of the stream and `test` the next `num_test`: the test data lies in
+    the future of the training data, so it has drifted further. There is no validation split.
+
+    Features: `categorical_<i>` for each vocabulary size (vocabulary_size counts the OOV id 0, so ids are
+    1..size-1) and one numeric feature `numeric` of width `numeric_dim`, standard normal by construction (the spec
+    says mean 0, std 1). Tasks: `binary_<j>` and `regression_<j>`, numbered within each kind, in `task_kinds` order.
+
+    Args:
+        num_train: Examples in the training split.
+        num_test: Examples in the test split, which follows the training split in the stream.
+        vocabulary_sizes: One categorical feature per entry, with this `vocabulary_size` (>= 2).
+        zipf_exponent: The exponent s of P(id = k) ~ k ** -s (> 0).
+        numeric_dim: Width of the numeric feature (>= 1).
+        task_kinds: "binary" or "regression" per task.
+        drift: Radians the teacher's task heads rotate per million examples; 0 gives a stationary stream.
+        embedding_dim: The spec's embedding width for every categorical feature (the model's, not the teacher's).
+        seed: Everything is a function of the seed: same seed, same data.
+
+    Returns:
+        The splits, whose datasets generate examples as they are read.
+
+    Raises:
+        ValueError: An argument is out of range.
+    """
+    if num_train < 1 or num_test < 0:
+        raise ValueError(f"{NAME}: need num_train >= 1 and num_test >= 0, got {num_train} and {num_test}.")
+    if not vocabulary_sizes or min(vocabulary_sizes) < 2 or max(vocabulary_sizes) >= 1 << 31:
+        raise ValueError(f"{NAME}: every vocabulary size must be in [2, 2**31), got {list(vocabulary_sizes)}.")
+    if not zipf_exponent > 0 or numeric_dim < 1:
+        raise ValueError(f"{NAME}: need zipf_exponent > 0 and numeric_dim >= 1, got {zipf_exponent}, {numeric_dim}.")
+    tasks, counts = [], {"binary": 0, "regression": 0}
+    for kind in task_kinds:
+        if kind not in counts:
+            raise ValueError(f"{NAME}: task kinds must be 'binary' or 'regression', got {kind!r}.")
+        tasks.append(TaskSpec(name=f"{kind}_{counts[kind]}", kind=kind))
+        counts[kind] += 1
+    spec = DatasetSpec(
+        features=tuple(
+            FeatureSpec(name=f"categorical_{i}", kind="categorical", vocabulary_size=size, embedding_dim=embedding_dim)
+            for i, size in enumerate(vocabulary_sizes)
+        )
+        + (FeatureSpec(name="numeric", kind="numeric", dim=numeric_dim, mean=0.0, std=1.0),),
+        tasks=tuple(tasks),
+    )
+    teacher = _Teacher(seed, len(vocabulary_sizes), numeric_dim, len(tasks))
+    samplers = [_ZipfSampler(size, zipf_exponent) for size in vocabulary_sizes]
+    is_binary = tf.constant([task.kind == "binary" for task in tasks])
+
+    def chunk(chunk_index: tf.Tensor) -> tuple[dict[str, tf.Tensor], dict[str, tf.Tensor]]:
+        key = tf.random.experimental.stateless_fold_in(tf.constant([seed, 1], tf.int64), chunk_index)
+        id_key, numeric_key, click_key, noise_key = tf.unstack(tf.random.experimental.stateless_split(key, num=4))
+        uniforms = tf.random.stateless_uniform([CHUNK_SIZE, len(vocabulary_sizes)], seed=id_key, dtype=tf.float64)
+        ids = [sample(uniforms[:, f]) for f, sample in enumerate(samplers)]
+        numeric = tf.random.stateless_normal([CHUNK_SIZE, numeric_dim], seed=numeric_key)
+        position = chunk_index * CHUNK_SIZE + tf.range(CHUNK_SIZE, dtype=tf.int64)
+        angle = tf.cast(position, tf.float32) * (drift / 1e6)
+        scores = teacher.scores(ids, numeric, angle)
+        label_uniform = tf.random.stateless_uniform([CHUNK_SIZE, len(tasks)], seed=click_key)
+        label_noise = tf.random.stateless_normal([CHUNK_SIZE, len(tasks)], seed=noise_key)
+        clicked = tf.cast(label_uniform < tf.sigmoid(BINARY_LOGIT_SCALE * scores + BINARY_LOGIT_BIAS), tf.float32)
+        labels = tf.where(is_binary, clicked, scores + REGRESSION_NOISE * label_noise)
+        features = {f"categorical_{i}": f_ids for i, f_ids in enumerate(ids)}
+        features["numeric"] = numeric
+        return features, {task.label_key: labels[:, t] for t, task in enumerate(tasks)}
+
+    def stream(start: int, stop: int) -> tf.data.Dataset:
+        """Examples [start, stop) of the stream, generated chunk by chunk; the end chunks are cut to the range."""
+
+        def chunk_in_range(chunk_index: tf.Tensor) -> tuple[dict[str, tf.Tensor], dict[str, tf.Tensor]]:
+            offset = chunk_index * CHUNK_SIZE
+            rows = slice(tf.maximum(start - offset, 0), tf.minimum(stop - offset, CHUNK_SIZE))
+            return tf.nest.map_structure(lambda column: column[rows], chunk(chunk_index))
+
+        chunks = tf.data.Dataset.range(start // CHUNK_SIZE, -(-stop // CHUNK_SIZE)).map(
+            chunk_in_range, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+        )
+        return examples_from_chunks(chunks, stop - start)
+
+    return tables.Splits(
+        name=NAME,
+        spec=spec,
+        train=stream(0, num_train),
+        test=stream(num_train, num_train + num_test),
+        validation=None,
+        sizes={"train": num_train, "test": num_test},
+    )
