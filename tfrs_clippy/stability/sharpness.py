@@ -54,7 +54,8 @@ class PowerIterationResult:
         eigenvalue: The Rayleigh quotient v^T A v of the final unit vector: the eigenvalue of largest magnitude,
             with its sign.
         iterations: How many matrix-vector products were spent.
-        converged: Whether successive estimates agreed within the tolerance before the budget ran out.
+        converged: Whether the residual fell within the tolerance before the budget ran out (if not, the
+            estimate is a lower bound on the magnitude, typically a close one).
     """
 
     eigenvalue: float
@@ -71,34 +72,34 @@ def power_iteration(
 ) -> PowerIterationResult:
     """Estimates the largest-magnitude eigenvalue of the symmetric operator `matvec` by power iteration.
 
+    Stops when the residual of the eigenpair is small, ||A v - lambda v|| <= tolerance * |lambda|, rather than when
+    successive estimates agree: near a second eigenvalue close to the first, estimates can stall for many iterations
+    before climbing, and would stop there.
+
     Args:
         matvec: v -> A v on lists of tensors of `shapes`.
         shapes: The shape of each tensor of a vector.
         max_iterations: The budget of products A v (the cost bound).
-        tolerance: Stop when two successive estimates differ by at most `tolerance` times the latest.
-        seed: Seed of the random start vector.
+        tolerance: Relative residual at which to stop.
+        seed: Seed of the random start vector (stateless, so the same on every device and under any strategy).
     """
     if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or max_iterations < 1:
         raise ValueError(f"`max_iterations` must be an int >= 1, got {max_iterations!r}.")
     if not tolerance > 0:
         raise ValueError(f"`tolerance` must be positive, got {tolerance}.")
-    generator = tf.random.Generator.from_seed(seed)
-    vector = [generator.normal(shape) for shape in shapes]
-    norm = tf.sqrt(_dot(vector, vector))
-    vector = [v / tf.cast(norm, v.dtype) for v in vector]
+    vector = [tf.random.stateless_normal(shape, seed=[seed, index]) for index, shape in enumerate(shapes)]
     estimate = math.nan
     for iteration in range(1, max_iterations + 1):
+        norm = float(tf.sqrt(_dot(vector, vector)))
+        vector = [v / norm for v in vector]
         product = matvec(vector)
-        new_estimate = float(_dot(vector, product))
-        product_norm = float(tf.sqrt(_dot(product, product)))
-        if product_norm == 0.0:
-            return PowerIterationResult(0.0, iteration, True)
-        if not math.isfinite(product_norm):
+        estimate = float(_dot(vector, product))  # Rayleigh quotient of the unit vector
+        if not math.isfinite(estimate):
             return PowerIterationResult(math.nan, iteration, False)
-        vector = [tf.cast(p / product_norm, v.dtype) for p, v in zip(product, vector)]
-        if abs(new_estimate - estimate) <= tolerance * abs(new_estimate):
-            return PowerIterationResult(new_estimate, iteration, True)
-        estimate = new_estimate
+        residual = [p - estimate * tf.cast(v, p.dtype) for p, v in zip(product, vector)]
+        if float(tf.sqrt(_dot(residual, residual))) <= tolerance * abs(estimate):
+            return PowerIterationResult(estimate, iteration, True)
+        vector = [tf.cast(p, v.dtype) for p, v in zip(product, vector)]
     return PowerIterationResult(estimate, max_iterations, False)
 
 
@@ -118,7 +119,7 @@ def largest_hessian_eigenvalue(
         preconditioner: Optional P, one positive tensor per variable of its shape (a diagonal matrix), e.g.
             `adagrad_preconditioner(...)`.
         max_iterations: Budget of Hessian-vector products.
-        tolerance: Relative tolerance between successive estimates.
+        tolerance: Relative residual at which power iteration stops.
         seed: Seed of the start vector.
     """
     if preconditioner is None:
@@ -263,6 +264,17 @@ class SharpnessMonitor(keras.callbacks.Callback):
 
     def measure(self) -> Dict[str, float]:
         """Measures now; returns {"sharpness", "preconditioned_sharpness", "sharpness_threshold"} (NaN if unmeasured)."""
+        strategy = tf.distribute.get_strategy()
+        if strategy.num_replicas_in_sync == 1 or not tf.distribute.in_cross_replica_context():
+            return self._measure_on_this_device()
+        # tf_keras cannot differentiate by a distributed variable outside a replica context. Every replica computes
+        # the same numbers from the same batch and variables; keep the first replica's.
+        per_replica = strategy.run(
+            lambda: {name: tf.constant(value, tf.float64) for name, value in self._measure_on_this_device().items()}
+        )
+        return {name: float(strategy.experimental_local_results(value)[0]) for name, value in per_replica.items()}
+
+    def _measure_on_this_device(self) -> Dict[str, float]:
         variables = list(self.model.trainable_variables)
         bounds = dict(max_iterations=self.max_iterations, tolerance=self.tolerance, seed=self.seed)
         sharpness = largest_hessian_eigenvalue(self._training_loss, variables, **bounds).eigenvalue
