@@ -50,7 +50,7 @@ def _run_under_mirrored_strategy() -> dict:
         model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, kernel_initializer="zeros")])
         model.compile(optimizer=ClippyAdagrad(0.1, export_clipping_factors=True), loss="mse")
     rollback = RollbackOnDivergence(snapshot_every_n_steps=1, skip_batches=SKIP)
-    sharpness = SharpnessMonitor((features[:64], targets[:64]), every_n_steps=20, max_iterations=150, tolerance=1e-4)
+    sharpness = SharpnessMonitor((features[:64], targets[:64]), every_n_steps=40, max_iterations=150, tolerance=1e-4)
     factors = ClippingFactorLogger()
     states = StateLog()
     model.fit(
@@ -89,8 +89,8 @@ def test_callbacks_under_mirrored_strategy():
     assert result["rollbacks"] == [[SPIKE_BATCH, SPIKE_BATCH - 2]]
     assert ["micro", SPIKE_BATCH] in result["events"]
     assert result["max_difference_after_rollback"] == 0.0
-    assert result["sharpness_steps"] == [0, 20, 40]
-    assert result["sharpness"] == pytest.approx([result["exact_sharpness"]] * 3, rel=0.01)
+    assert result["sharpness_steps"] == [0, 40]
+    assert result["sharpness"] == pytest.approx([result["exact_sharpness"]] * 2, rel=0.01)
     assert all(value > 0.0 for value in result["preconditioned_sharpness"])
     assert result["factor_steps"] == BATCHES and result["factor_names"] == 2
 
