@@ -57,3 +57,38 @@ class ClippyOracle:
             self.accumulator = self.accumulator + (sigma * grad) ** 2
         self.weights = self.weights - sigma * update
         return sigma
+
+
+def norms(x: np.ndarray, axis: Optional[int]) -> np.ndarray:
+    """L2 norms over every axis but `axis` (None: over the whole tensor), kept broadcastable."""
+    axes = tuple(range(x.ndim)) if axis is None else tuple(a for a in range(x.ndim) if a != axis % x.ndim)
+    return np.sqrt((x.astype(np.float64) ** 2).sum(axis=axes, keepdims=True))
+
+
+def gc_sigma(g, w, r, threshold, axis=None):
+    n = norms(g, axis)
+    return np.where(n > threshold, threshold / np.where(n > 0, n, 1.0), 1.0)
+
+
+def agc_sigma(g, w, r, threshold, weight_floor=1e-3, axis=None):
+    limit = threshold * np.maximum(norms(w, axis), weight_floor)
+    n = norms(g, axis)
+    return np.where(n > limit, limit / np.where(n > 0, n, 1.0), 1.0)
+
+
+def lamb_sigma(g, w, r, trust_scale, axis=None):
+    wn, rn = norms(w, axis), norms(r, axis)
+    ok = (wn > 0) & (rn > 0)
+    return np.where(ok, trust_scale * wn / np.where(ok, rn, 1.0), 1.0)
+
+
+def scaled_adagrad_numpy(weights, grads, learning_rate, sigma_fn, initial_accumulator_value=0.1, epsilon=1e-7):
+    """Algorithm 1's Adagrad (G += g^2 first) with w -= lr * sigma * g / sqrt(G + eps); returns the final weights."""
+    w = np.array(weights, np.float64)
+    accumulator = np.full_like(w, initial_accumulator_value)
+    for g in grads:
+        g = np.asarray(g, np.float64)
+        accumulator = accumulator + g**2
+        r = g / np.sqrt(accumulator + epsilon)
+        w = w - learning_rate * sigma_fn(g, w, r) * r
+    return w

@@ -1,5 +1,24 @@
-"""Adagrad with per-variable update scaling: ClippyAdagrad and the math it shares with the baselines."""
+"""Adagrad with per-variable update scaling: ClippyAdagrad, the paper's baselines, and the math they share."""
 
+from tfrs_clippy.optimizers.baselines import (
+    METHODS,
+    PAPER_GRIDS,
+    AdaptiveGradientClippingAdagrad,
+    GradientClippingAdagrad,
+    LambAdagrad,
+    ScaledAdagrad,
+    build_optimizer,
+)
 from tfrs_clippy.optimizers.clippy_adagrad import PAPER_SETTING, ClippyAdagrad
 
-__all__ = ["ClippyAdagrad", "PAPER_SETTING"]
+__all__ = [
+    "AdaptiveGradientClippingAdagrad",
+    "ClippyAdagrad",
+    "GradientClippingAdagrad",
+    "LambAdagrad",
+    "METHODS",
+    "PAPER_GRIDS",
+    "PAPER_SETTING",
+    "ScaledAdagrad",
+    "build_optimizer",
+]

@@ -78,6 +78,54 @@ class ClippyRule:
         return tf.minimum(1.0, tf.reduce_min(ratio, axis=reduce_axes, keepdims=True))
 
 
+def _norm(tensor: tf.Tensor, reduce_axes: Sequence[int]) -> tf.Tensor:
+    return tf.sqrt(tf.reduce_sum(tf.square(tensor), axis=reduce_axes, keepdims=True))
+
+
+@dataclasses.dataclass(frozen=True)
+class GradientClippingRule:
+    """Layer-wise gradient clipping (GC): sigma = min(1, threshold / ||g||); 1 for a zero gradient."""
+
+    threshold: float
+
+    def __call__(self, step: StepInputs, reduce_axes: Sequence[int]) -> tf.Tensor:
+        grad_norm = _norm(step.grad, reduce_axes)
+        return tf.where(grad_norm > self.threshold, tf.math.divide_no_nan(self.threshold, grad_norm), 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptiveGradientClippingRule:
+    """Unit-wise adaptive gradient clipping (AGC, Brock et al. 2021):
+
+    sigma = min(1, threshold * max(||w||, weight_floor) / ||g||) per unit; 1 for a zero gradient. The floor keeps
+    zero-initialized units (biases) trainable, as in the authors' code.
+    """
+
+    threshold: float
+    weight_floor: float = 1e-3
+
+    def __call__(self, step: StepInputs, reduce_axes: Sequence[int]) -> tf.Tensor:
+        grad_norm = _norm(step.grad, reduce_axes)
+        limit = self.threshold * tf.maximum(_norm(step.variable, reduce_axes), self.weight_floor)
+        return tf.where(grad_norm > limit, tf.math.divide_no_nan(limit, grad_norm), 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class LambRule:
+    """LAMB's trust ratio on Adagrad's direction r = g / sqrt(G): sigma = trust_scale * ||w|| / ||r||.
+
+    phi(x) = x. LAMB's guard: sigma = 1 when ||w|| or ||r|| is zero. Unlike the clipping rules sigma may exceed 1.
+    """
+
+    trust_scale: float
+
+    def __call__(self, step: StepInputs, reduce_axes: Sequence[int]) -> tf.Tensor:
+        weight_norm = _norm(step.variable, reduce_axes)
+        direction_norm = _norm(step.grad * step.precondition, reduce_axes)
+        ratio = self.trust_scale * tf.math.divide_no_nan(weight_norm, direction_norm)
+        return tf.where((weight_norm > 0.0) & (direction_norm > 0.0), ratio, 1.0)
+
+
 class StepResult(NamedTuple):
     """One step's outcome, before it is written to any variable."""
 

@@ -106,6 +106,15 @@ class ScaledAdagradMixin:
         """The rule that scales each variable's update; None means plain Adagrad."""
         return None
 
+    def clipping_axis_for(self, name: str, rank: int, sparse: bool) -> Optional[int]:
+        """The axis whose slices get a scale each for this variable (None: one scale for the tensor)."""
+        del name, rank, sparse  # the same granularity for every variable, unless a subclass says otherwise
+        return self.clipping_axis
+
+    def accumulator(self, variable) -> tf.Variable:
+        """The Adagrad accumulator G of a model variable this optimizer was built with."""
+        return self._slots[self._slot_index(variable)].accumulator
+
     # Runtime hooks: each Keras adapter implements these ----------------------------------------------------------
 
     def _init_keras_base(self, learning_rate: Any, name: str, kwargs: dict) -> None:
@@ -151,13 +160,14 @@ class ScaledAdagradMixin:
     def _apply_scaled_adagrad(self, gradient, variable, learning_rate) -> tf.Operation:
         """Applies one step to `variable`: the sparse path for `IndexedSlices`, the dense path otherwise."""
         index = self._slot_index(variable)
+        sparse = isinstance(gradient, tf.IndexedSlices)
         options = dict(
             epsilon=self.epsilon,
             accumulator_update=self.accumulator_update,
             rule=self.scaling_rule() if self._clipped[index] else None,
-            clipping_axis=self.clipping_axis,
+            clipping_axis=self.clipping_axis_for(self._slot_names[index], variable.shape.rank, sparse),
         )
-        if isinstance(gradient, tf.IndexedSlices):
+        if sparse:
             return core.apply_sparse(variable, gradient, self._slots[index], learning_rate, **options)
         return core.apply_dense(
             variable, gradient, self._slots[index], learning_rate, fused=self.fuse_dense_updates, **options

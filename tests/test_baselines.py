@@ -1,0 +1,151 @@
+"""The paper's baselines (GC, AGC, LAMB on Adagrad, naive): each rule alone on hand numbers, each optimizer against
+a NumPy Adagrad with that rule, sparse against dense, and the method factory."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfrs_clippy import keras
+from tfrs_clippy.optimizers import (
+    METHODS,
+    PAPER_GRIDS,
+    AdaptiveGradientClippingAdagrad,
+    ClippyAdagrad,
+    GradientClippingAdagrad,
+    LambAdagrad,
+    ScaledAdagrad,
+    build_optimizer,
+    core,
+)
+
+import numpy_oracle
+from test_clippy_adagrad import densify, random_problem, run_optimizer
+
+
+def step_inputs(grad, variable, precondition=None):
+    grad = tf.constant(grad, tf.float32)
+    precondition = tf.ones_like(grad) if precondition is None else tf.constant(precondition, tf.float32)
+    return core.StepInputs(grad=grad, variable=tf.constant(variable, tf.float32), precondition=precondition,
+                           update=grad * precondition)
+
+
+def test_gc_rule_on_hand_numbers():
+    rule = core.GradientClippingRule(threshold=1.0)
+    assert float(rule(step_inputs([3.0, 4.0], [1.0, 1.0]), [0])[0]) == pytest.approx(0.2)  # ||g|| = 5
+    assert float(rule(step_inputs([0.3, 0.4], [1.0, 1.0]), [0])[0]) == 1.0
+    assert float(rule(step_inputs([0.0, 0.0], [1.0, 1.0]), [0])[0]) == 1.0  # zero gradient
+
+
+def test_agc_rule_is_unit_wise_with_a_weight_floor():
+    rule = core.AdaptiveGradientClippingRule(threshold=0.1, weight_floor=1e-3)
+    # Columns are units: ||w_0|| = 5, ||g_0|| = 10 -> 0.1*5/10 = 0.05; unit 1 has zero weights -> floor 1e-3.
+    step = step_inputs([[6.0, 1.0], [8.0, 0.0]], [[3.0, 0.0], [4.0, 0.0]])
+    sigma = rule(step, reduce_axes=[0]).numpy()
+    np.testing.assert_allclose(sigma, [[0.05, 0.1 * 1e-3 / 1.0]], rtol=1e-6)
+    zero = rule(step_inputs([[0.0, 0.0]], [[1.0, 1.0]]), reduce_axes=[0]).numpy()
+    np.testing.assert_array_equal(zero, [[1.0, 1.0]])
+
+
+def test_lamb_rule_with_its_zero_norm_guards():
+    rule = core.LambRule(trust_scale=0.01)
+    # r = g * p = [0.6, 0.8] (||r|| = 1), ||w|| = 5 -> sigma = 0.01 * 5 / 1.
+    assert float(rule(step_inputs([1.2, 1.6], [3.0, 4.0], precondition=[0.5, 0.5]), [0])[0]) == pytest.approx(0.05)
+    assert float(rule(step_inputs([1.0, 1.0], [0.0, 0.0]), [0])[0]) == 1.0  # ||w|| = 0
+    assert float(rule(step_inputs([0.0, 0.0], [3.0, 4.0]), [0])[0]) == 1.0  # ||r|| = 0
+
+
+CASES = {
+    "naive": (ScaledAdagrad, {}, lambda g, w, r: 1.0),
+    "gc": (GradientClippingAdagrad, {"threshold": 0.5}, lambda g, w, r: numpy_oracle.gc_sigma(g, w, r, 0.5)),
+    "agc": (AdaptiveGradientClippingAdagrad, {"threshold": 0.05},
+            lambda g, w, r: numpy_oracle.agc_sigma(g, w, r, 0.05, axis=-1)),
+    "lamb": (LambAdagrad, {"trust_scale": 0.05}, lambda g, w, r: numpy_oracle.lamb_sigma(g, w, r, 0.05)),
+}
+
+
+@pytest.mark.parametrize("method", list(CASES))
+def test_each_baseline_matches_numpy_adagrad_with_its_rule(method):
+    cls, arguments, sigma_fn = CASES[method]
+    weights, grads = random_problem(seed=11)
+    variable, _ = run_optimizer(cls(learning_rate=0.3, **arguments), weights, grads)
+    expected = numpy_oracle.scaled_adagrad_numpy(weights, grads, 0.3, sigma_fn)
+    np.testing.assert_allclose(variable.numpy(), expected, rtol=1e-5, atol=1e-6)
+    if method != "naive":  # the rule must have acted, or the comparison proves nothing
+        plain = numpy_oracle.scaled_adagrad_numpy(weights, grads, 0.3, lambda g, w, r: 1.0)
+        assert np.max(np.abs(expected - plain)) > 1e-3
+
+
+@pytest.mark.parametrize("method", ["agc", "lamb"])
+def test_embedding_tables_are_row_wise_and_sparse_equals_dense(method):
+    cls, arguments, _ = CASES[method]
+    weights, sparse_grads = random_problem(seed=12, sparse_rows=5, repeats=True)
+    dense_grads = [densify(g, weights.shape).astype(np.float32) for g in sparse_grads]
+    results = []
+    for grads in (sparse_grads, dense_grads):
+        optimizer = cls(learning_rate=0.3, **arguments)
+        variable = tf.Variable(weights, name="item_embedding")
+        for grad in grads:
+            optimizer.apply_gradients([(tf.IndexedSlices(tf.constant(grad[0]), tf.constant(grad[1]),
+                                                         tf.constant(weights.shape, tf.int64))
+                                        if isinstance(grad, tuple) else tf.constant(grad), variable)])
+        results.append(variable.numpy())
+    np.testing.assert_allclose(results[0], results[1], rtol=1e-5, atol=1e-6)
+    sigma_fn = {"agc": lambda g, w, r: numpy_oracle.agc_sigma(g, w, r, 0.05, axis=0),
+                "lamb": lambda g, w, r: np.where(np.abs(g).sum(axis=1, keepdims=True) > 0,
+                                                 numpy_oracle.lamb_sigma(g, w, r, 0.05, axis=0), 1.0)}[method]
+    expected = numpy_oracle.scaled_adagrad_numpy(weights, dense_grads, 0.3, sigma_fn)
+    np.testing.assert_allclose(results[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_factory_leaves_embeddings_to_plain_adagrad_by_default():
+    grad = tf.constant(np.full((2, 2), 10.0, np.float32))
+    moved = {}
+    for include in (False, True):
+        optimizer = build_optimizer("gc", learning_rate=1.0, include_embeddings=include, threshold=1e-3)
+        table = tf.Variable(np.zeros((2, 2), np.float32), name="user_embedding")
+        kernel = tf.Variable(np.zeros((2, 2), np.float32), name="kernel")
+        optimizer.apply_gradients([(grad, table), (grad, kernel)])
+        moved[include] = (-table.numpy()[0, 0], -kernel.numpy()[0, 0])
+    adagrad_step = 10.0 / math.sqrt(0.1 + 100.0 + 1e-7)
+    assert moved[False][0] == pytest.approx(adagrad_step, rel=1e-5)  # the table: plain Adagrad
+    assert moved[False][1] == pytest.approx(adagrad_step * 1e-3 / 20.0, rel=1e-4)  # the kernel: GC, ||g|| = 20
+    assert moved[True][0] == pytest.approx(moved[True][1], rel=1e-6)  # included: the table is clipped too
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_and_grid_point_round_trips(method):
+    for hyperparameters in PAPER_GRIDS[method]:
+        optimizer = build_optimizer(method, learning_rate=0.05, export_clipping_factors=True, **hyperparameters)
+        config = optimizer.get_config()
+        assert type(optimizer).from_config(config).get_config() == config
+        assert keras.optimizers.deserialize(keras.optimizers.serialize(optimizer)).get_config() == config
+    if method == "clippy":
+        assert isinstance(optimizer, ClippyAdagrad) and optimizer.accumulator_update == "standard"
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: build_optimizer("sgd", 0.1), "`method` must be one of ['agc', 'clippy', 'gc', 'lamb', 'naive'], got 'sgd'"),
+        (lambda: GradientClippingAdagrad(threshold=-1.0), "`threshold` must be a non-negative number, got -1.0"),
+        (lambda: AdaptiveGradientClippingAdagrad(weight_floor=-1.0), "`weight_floor` must be a non-negative number"),
+        (lambda: LambAdagrad(trust_scale=float("nan")), "`trust_scale` must be a non-negative number, got nan"),
+        (lambda: LambAdagrad(embedding_pattern="["), "`embedding_pattern` is not a valid pattern '['"),
+    ],
+)
+def test_bad_arguments_name_the_argument(call, message):
+    with pytest.raises(ValueError) as error:
+        call()
+    assert message in str(error.value)
+
+
+def test_scaling_factors_are_exported_for_baselines():
+    optimizer = GradientClippingAdagrad(learning_rate=0.1, threshold=1.0, export_clipping_factors=True)
+    variable = tf.Variable([1.0, 1.0], name="w")
+    optimizer.apply_gradients([(tf.constant([3.0, 4.0]), variable)])
+    (factor,) = optimizer.clipping_factors_by_name().values()
+    assert float(factor) == pytest.approx(0.2)
