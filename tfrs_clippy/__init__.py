@@ -4,8 +4,52 @@
 when TF_USE_LEGACY_KERAS=1 was set before TensorFlow was imported, Keras 3 otherwise.
 """
 
+from tfrs_clippy import data, stability
 from tfrs_clippy.keras_runtime import LEGACY_KERAS, KerasRuntimeError, keras
-from tfrs_clippy.optimizers import PAPER_SETTING, ClippyAdagrad
+from tfrs_clippy.optimizers import (
+    PAPER_SETTING,
+    AdaptiveGradientClippingAdagrad,
+    ClippyAdagrad,
+    GradientClippingAdagrad,
+    LambAdagrad,
+    ScaledAdagrad,
+    build_optimizer,
+)
+from tfrs_clippy.stability import (
+    ClippingFactorLogger,
+    DetectorConfig,
+    DivergenceMonitor,
+    InstabilityScore,
+    RollbackOnDivergence,
+    SharpnessMonitor,
+    detect_divergence,
+    plot_clipping_factors,
+    plot_divergence,
+    plot_sharpness,
+)
 
-__all__ = ["LEGACY_KERAS", "KerasRuntimeError", "keras", "ClippyAdagrad", "PAPER_SETTING"]
+__all__ = [
+    "AdaptiveGradientClippingAdagrad",
+    "ClippingFactorLogger",
+    "ClippyAdagrad",
+    "DetectorConfig",
+    "DivergenceMonitor",
+    "GradientClippingAdagrad",
+    "InstabilityScore",
+    "KerasRuntimeError",
+    "LEGACY_KERAS",
+    "LambAdagrad",
+    "PAPER_SETTING",
+    "RollbackOnDivergence",
+    "ScaledAdagrad",
+    "SharpnessMonitor",
+    "build_optimizer",
+    "data",
+    "detect_divergence",
+    "keras",
+    "plot_clipping_factors",
+    "plot_divergence",
+    "plot_sharpness",
+    "stability",
+]
 __version__ = "0.1.0"

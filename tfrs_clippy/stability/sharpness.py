@@ -135,12 +135,12 @@ def largest_hessian_eigenvalue(
     return power_iteration(matvec, shapes, max_iterations, tolerance, seed)
 
 
-# Neither Keras exposes Adagrad's accumulator publicly; these lookups mirror each optimizer's own `update_step`.
+# Keras's own Adagrads do not expose the accumulator; these lookups mirror each optimizer's own `update_step`.
 # pylint: disable=protected-access
 def _accumulator(optimizer: Any, variable: Any) -> Any:
-    """The accumulator G of `variable` in Keras 3 Adagrad, tf_keras Adagrad or tfrs_clippy's scaled Adagrads."""
-    if hasattr(optimizer, "_slots") and hasattr(optimizer, "_slot_index"):  # tfrs_clippy ClippyAdagrad, baselines
-        return optimizer._slots[optimizer._slot_index(variable)].accumulator
+    """The accumulator G of `variable` in tfrs_clippy's scaled Adagrads, Keras 3 Adagrad or tf_keras Adagrad."""
+    if hasattr(optimizer, "accumulator"):  # tfrs_clippy: ClippyAdagrad and the baselines
+        return optimizer.accumulator(variable)
     if hasattr(optimizer, "_get_variable_index"):  # Keras 3
         return optimizer._accumulators[optimizer._get_variable_index(variable)]
     return optimizer._accumulators[optimizer._index_dict[optimizer._var_key(variable)]]
