@@ -416,3 +416,16 @@ def test_core_rule_is_a_pure_function():
     assert float(sigma[0]) == pytest.approx((0.01 + 0.1 * 0.1) / 0.4)
     zero_bound = core.ClippyRule(0.0, 0.0, 0.0)
     assert float(zero_bound(step, reduce_axes=[0])[0]) == 0.0
+
+
+def test_float64_variables_are_computed_in_float64():
+    weights, grads = random_problem(seed=9, steps=5)  # a learning rate float32 holds exactly: it is stored so
+    optimizer = ClippyAdagrad(learning_rate=2.0**-6, **THRESHOLDS)
+    variable = tf.Variable(weights.astype(np.float64))
+    for grad in grads:
+        optimizer.apply_gradients([(tf.constant(grad, tf.float64), variable)])
+    oracle = ClippyOracle(weights, learning_rate=2.0**-6, mode="delayed", **THRESHOLDS)
+    for grad in grads:
+        oracle.step(grad)
+    assert optimizer.accumulator(variable).dtype == tf.float64
+    np.testing.assert_allclose(variable.numpy(), oracle.weights, rtol=1e-12, atol=1e-12)

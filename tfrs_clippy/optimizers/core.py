@@ -27,7 +27,7 @@ ACCUMULATOR_UPDATES = ("delayed", "delayed_clipped", "standard")
 
 
 class StepInputs(NamedTuple):
-    """What a scaling rule may look at, all float32 and of the variable's (or the touched rows') shape."""
+    """What a scaling rule may look at, all in the accumulator's dtype (float32, or float64) and of the variable's (or the touched rows') shape."""
 
     grad: tf.Tensor
     variable: tf.Tensor
@@ -45,7 +45,7 @@ class ScalingRule(Protocol):
 def _scaled_term(threshold: float, reference: tf.Tensor) -> tf.Tensor:
     """threshold * reference, where an infinite threshold means "no limit" (inf) but still 0 for a 0 reference."""
     if math.isinf(threshold):
-        return tf.where(reference > 0, math.inf, 0.0)
+        return tf.where(reference > 0, tf.constant(math.inf, reference.dtype), tf.zeros_like(reference))
     return threshold * reference
 
 
@@ -74,8 +74,8 @@ class ClippyRule:
     def __call__(self, step: StepInputs, reduce_axes: Sequence[int]) -> tf.Tensor:
         magnitude = tf.abs(step.update)
         # A coordinate that does not move puts no limit on sigma; a zero bound on a moving one forces sigma = 0.
-        ratio = tf.where(magnitude == 0.0, 1.0, tf.math.divide_no_nan(self.bound(step), magnitude))
-        return tf.minimum(1.0, tf.reduce_min(ratio, axis=reduce_axes, keepdims=True))
+        ratio = tf.where(magnitude == 0.0, tf.ones_like(magnitude), tf.math.divide_no_nan(self.bound(step), magnitude))
+        return tf.minimum(tf.reduce_min(ratio, axis=reduce_axes, keepdims=True), 1.0)
 
 
 def _norm(tensor: tf.Tensor, reduce_axes: Sequence[int]) -> tf.Tensor:
@@ -90,7 +90,8 @@ class GradientClippingRule:
 
     def __call__(self, step: StepInputs, reduce_axes: Sequence[int]) -> tf.Tensor:
         grad_norm = _norm(step.grad, reduce_axes)
-        return tf.where(grad_norm > self.threshold, tf.math.divide_no_nan(self.threshold, grad_norm), 1.0)
+        clipped = tf.math.divide_no_nan(tf.cast(self.threshold, grad_norm.dtype), grad_norm)
+        return tf.where(grad_norm > self.threshold, clipped, tf.ones_like(grad_norm))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +108,7 @@ class AdaptiveGradientClippingRule:
     def __call__(self, step: StepInputs, reduce_axes: Sequence[int]) -> tf.Tensor:
         grad_norm = _norm(step.grad, reduce_axes)
         limit = self.threshold * tf.maximum(_norm(step.variable, reduce_axes), self.weight_floor)
-        return tf.where(grad_norm > limit, tf.math.divide_no_nan(limit, grad_norm), 1.0)
+        return tf.where(grad_norm > limit, tf.math.divide_no_nan(limit, grad_norm), tf.ones_like(grad_norm))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,14 +124,14 @@ class LambRule:
         weight_norm = _norm(step.variable, reduce_axes)
         direction_norm = _norm(step.grad * step.precondition, reduce_axes)
         ratio = self.trust_scale * tf.math.divide_no_nan(weight_norm, direction_norm)
-        return tf.where((weight_norm > 0.0) & (direction_norm > 0.0), ratio, 1.0)
+        return tf.where((weight_norm > 0.0) & (direction_norm > 0.0), ratio, tf.ones_like(ratio))
 
 
 class StepResult(NamedTuple):
     """One step's outcome, before it is written to any variable."""
 
-    delta: tf.Tensor  # float32, to subtract from the variable
-    accumulator_increment: tf.Tensor  # float32, to add to the accumulator
+    delta: tf.Tensor  # in the accumulator's dtype, to subtract from the variable
+    accumulator_increment: tf.Tensor  # to add to the accumulator
     scale: tf.Tensor  # sigma, broadcastable to the variable (keepdims)
     all_finite: tf.Tensor  # bool scalar: the gradient had no NaN or Inf
 
@@ -159,7 +160,7 @@ def scaled_adagrad_step(
     Args:
         grad: The gradient, of the variable's dtype.
         variable: The variable's current value.
-        accumulator: The float32 accumulator G.
+        accumulator: The accumulator G; its dtype (float32, or float64) is the one the step is computed in.
         learning_rate: The learning rate of this step (a scalar).
         epsilon: Added to G inside the square root.
         accumulator_update: One of `ACCUMULATOR_UPDATES`.
@@ -169,15 +170,16 @@ def scaled_adagrad_step(
     Returns:
         A `StepResult`; the caller commits it only when `all_finite`.
     """
-    grad = tf.cast(grad, tf.float32)
-    variable = tf.cast(variable, tf.float32)
-    learning_rate = tf.cast(learning_rate, tf.float32)
+    compute_dtype = accumulator.dtype  # float32, or float64 for float64 variables
+    grad = tf.cast(grad, compute_dtype)
+    variable = tf.cast(variable, compute_dtype)
+    learning_rate = tf.cast(learning_rate, compute_dtype)
     squared_grad = tf.square(grad)
     denominator_accumulator = accumulator + squared_grad if accumulator_update == "standard" else accumulator
     precondition = tf.math.rsqrt(denominator_accumulator + epsilon)
     update = learning_rate * grad * precondition
     if rule is None:
-        scale = tf.ones([1] * grad.shape.rank, tf.float32)
+        scale = tf.ones([1] * grad.shape.rank, compute_dtype)
     else:
         step = StepInputs(grad=grad, variable=variable, precondition=precondition, update=update)
         scale = rule(step, reduce_axes_for(grad.shape.rank, clipping_axis))
@@ -189,41 +191,45 @@ def scaled_adagrad_step(
     return StepResult(update * scale, accumulator_increment, scale, all_finite)
 
 
-# The dense step reads every coordinate twice (the scale is a minimum over the whole tensor, needed before any
-# coordinate moves). XLA fuses the elementwise chain into those two passes; without it TensorFlow runs ~20
-# full-tensor kernels. Sparse steps stay unfused: their row count changes every step and would recompile.
-_fused_dense_step = tf.function(scaled_adagrad_step, jit_compile=True)
-
-
 class Slots(NamedTuple):
     """The optimizer state of one model variable."""
 
-    accumulator: tf.Variable  # float32, the variable's shape
+    accumulator: tf.Variable  # float32 (float64 for float64 variables), the variable's shape
     clipping_factor: Optional[tf.Variable]  # float32 scalar: min sigma of the last step; None if not exported
     nonfinite_steps: tf.Variable  # int64 scalar: steps skipped for a non-finite gradient
 
 
-def _commit(
-    slots: Slots,
-    result: StepResult,
-    write_accumulator,
-    write_variable,
-) -> tf.Operation:
-    """Writes `result` when the gradient was finite; otherwise counts a skipped step and writes nothing else."""
+def _record(slots: Slots, result: StepResult) -> list:
+    """Counts a skipped step, and exports the step's smallest scale (0 for a skipped step)."""
+    updates = [slots.nonfinite_steps.assign_add(tf.cast(tf.logical_not(result.all_finite), tf.int64))]
+    if slots.clipping_factor is not None:
+        smallest_scale = tf.cast(tf.reduce_min(result.scale), tf.float32)
+        updates.append(slots.clipping_factor.assign(tf.where(result.all_finite, smallest_scale, 0.0)))
+    return updates
 
-    def commit() -> tf.Operation:
-        updates = [write_accumulator(result.accumulator_increment), write_variable(result.delta)]
-        if slots.clipping_factor is not None:
-            updates.append(slots.clipping_factor.assign(tf.reduce_min(result.scale)))
-        return tf.group(updates)
 
-    def skip() -> tf.Operation:
-        updates = [slots.nonfinite_steps.assign_add(1)]
-        if slots.clipping_factor is not None:
-            updates.append(slots.clipping_factor.assign(0.0))
-        return tf.group(updates)
+def next_dense_values(
+    grad: tf.Tensor,
+    variable: tf.Tensor,
+    accumulator: tf.Tensor,
+    learning_rate: tf.Tensor,
+    **options,
+) -> tuple[tf.Tensor, tf.Tensor, StepResult]:
+    """The variable's and accumulator's values after one step; unchanged where the gradient was not finite.
 
-    return tf.cond(result.all_finite, commit, skip)
+    Selecting instead of branching lets XLA fuse everything into two passes (one to reduce the scale, one to write
+    both results); the results are then assigned, not added, so no further pass reads them.
+    """
+    result = scaled_adagrad_step(grad, variable, accumulator, learning_rate, **options)
+    new_variable = tf.cast(tf.cast(variable, result.delta.dtype) - result.delta, variable.dtype)
+    new_variable = tf.where(result.all_finite, new_variable, variable)
+    new_accumulator = tf.where(result.all_finite, accumulator + result.accumulator_increment, accumulator)
+    return new_variable, new_accumulator, result
+
+
+# Without XLA, TensorFlow runs ~20 full-tensor kernels per dense step. Sparse steps stay unfused: their row count
+# changes every step and would recompile.
+_fused_next_dense_values = tf.function(next_dense_values, jit_compile=True)
 
 
 def apply_dense(
@@ -238,7 +244,7 @@ def apply_dense(
     clipping_axis: Optional[int] = None,
     fused: bool = True,
 ) -> tf.Operation:
-    """Applies one scaled Adagrad step to a whole variable.
+    """Applies one scaled Adagrad step to a whole variable; a non-finite gradient changes nothing but the count.
 
     Args:
         variable: The model variable.
@@ -246,10 +252,10 @@ def apply_dense(
         slots: Its optimizer state.
         learning_rate: The learning rate of this step.
         epsilon, accumulator_update, rule, clipping_axis: As in `scaled_adagrad_step`.
-        fused: Compute the step with XLA (two memory passes) instead of one TensorFlow kernel per operation.
+        fused: Compute the step with XLA (two passes over memory) instead of one TensorFlow kernel per operation.
     """
-    step_fn = _fused_dense_step if fused else scaled_adagrad_step
-    result = step_fn(
+    step_fn = _fused_next_dense_values if fused else next_dense_values
+    new_variable, new_accumulator, result = step_fn(
         grad,
         tf.convert_to_tensor(variable),
         tf.convert_to_tensor(slots.accumulator),
@@ -259,12 +265,7 @@ def apply_dense(
         rule=rule,
         clipping_axis=clipping_axis,
     )
-    return _commit(
-        slots,
-        result,
-        write_accumulator=slots.accumulator.assign_add,
-        write_variable=lambda delta: variable.assign_sub(tf.cast(delta, variable.dtype)),
-    )
+    return tf.group([variable.assign(new_variable), slots.accumulator.assign(new_accumulator), *_record(slots, result)])
 
 
 def deduplicate(grad: tf.IndexedSlices) -> tf.IndexedSlices:
@@ -312,14 +313,15 @@ def apply_sparse(
         rule=rule,
         clipping_axis=clipping_axis,
     )
-    # Scatter-*add* (not update): the padding rows of `deduplicate` then write nothing.
-    return _commit(
-        slots,
-        result,
-        write_accumulator=lambda increment: slots.accumulator.scatter_add(
-            tf.IndexedSlices(increment, unique.indices)
+    # Scatter-*add* (not update): the padding rows of `deduplicate` then write nothing. A non-finite gradient
+    # writes zeros.
+    keep = result.all_finite
+    return tf.group([
+        slots.accumulator.scatter_add(
+            tf.IndexedSlices(tf.where(keep, result.accumulator_increment, tf.zeros_like(result.accumulator_increment)), unique.indices)
         ),
-        write_variable=lambda delta: variable.scatter_sub(
-            tf.IndexedSlices(tf.cast(delta, variable.dtype), unique.indices)
+        variable.scatter_sub(
+            tf.IndexedSlices(tf.cast(tf.where(keep, result.delta, tf.zeros_like(result.delta)), variable.dtype), unique.indices)
         ),
-    )
+        *_record(slots, result),
+    ])

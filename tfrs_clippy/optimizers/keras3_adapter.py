@@ -10,6 +10,11 @@ import tensorflow as tf
 from tfrs_clippy.optimizers.scaled_adagrad import ScaledAdagradMixin
 
 
+def _filled(value: float):
+    """An initializer exact in any dtype (Keras's Constant rounds through float32 first)."""
+    return lambda shape, dtype=None: tf.fill(shape, tf.constant(value, dtype))
+
+
 class KerasAdapter(ScaledAdagradMixin, keras.optimizers.Optimizer):
     """Owns slots, learning rate and config on Keras 3; `ScaledAdagradMixin` and `core` do the rest."""
 
@@ -31,11 +36,11 @@ class KerasAdapter(ScaledAdagradMixin, keras.optimizers.Optimizer):
         return slot.value
 
     def _create_accumulator(self, variable, dtype: tf.DType):
-        initializer = keras.initializers.Constant(self.initial_accumulator_value)
-        return self._add_colocated(variable, "accumulator", variable.shape, dtype, initializer)
+        return self._add_colocated(variable, "accumulator", variable.shape, dtype,
+                                   _filled(self.initial_accumulator_value))
 
     def _create_scalar_slot(self, variable, name: str, dtype: tf.DType, value: float):
-        return self._add_colocated(variable, name, (), dtype, keras.initializers.Constant(value))
+        return self._add_colocated(variable, name, (), dtype, _filled(value))
 
     def _slot_index(self, variable) -> int:
         return self._get_variable_index(variable)
