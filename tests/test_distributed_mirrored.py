@@ -1,0 +1,58 @@
+"""ClippyAdagrad and the baselines under MirroredStrategy (2 logical CPUs) equal one device at the same global batch.
+
+Both runtimes. The strategy runs in a fresh process (`scripts/dist_mirrored.py`): logical devices must be
+configured before TensorFlow runs an op, which pytest's process has already done. One process runs every case.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = pathlib.Path(__file__).parent / "scripts" / "dist_mirrored.py"
+CASES = ("clippy_sparse", "clippy_dense", "gc_sparse", "agc_sparse", "lamb_sparse", "naive_sparse")
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    process = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=240)
+    assert process.returncode == 0, process.stderr[-3000:]
+    return json.loads(process.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES)
+def test_two_replicas_equal_one_device_after_20_steps(results, case):
+    result = results["cases"][case]
+    assert result["replicas"] == 2
+    assert result["weights_vs_one_device"] <= 1e-5
+    assert result["accumulators_vs_one_device"] <= 1e-5  # relative
+    assert result["clipping_factors_vs_one_device"] <= 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES)
+def test_every_replica_holds_identical_weights_accumulators_and_factors(results, case):
+    result = results["cases"][case]
+    for key in ("weights", "accumulators", "clipping_factors"):
+        assert result[f"{key}_across_replicas"] == 0.0, key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [case for case in CASES if not case.startswith("naive")])
+def test_the_updates_were_actually_scaled(results, case):
+    """Otherwise the equality above would say nothing about the scaling rules."""
+    assert results["cases"][case]["min_clipping_factor"] < 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gradient", ["sparse", "dense"])
+def test_clippy_adds_no_communication_beyond_the_gradient_all_reduce(results, gradient):
+    counts = results["collective_ops"]
+    adagrad, clippy = counts[f"adagrad_{gradient}"], counts[f"clippy_{gradient}"]
+    assert adagrad, "the traced step has no collective op: the count would prove nothing"
+    assert clippy == adagrad
