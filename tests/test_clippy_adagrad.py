@@ -429,3 +429,13 @@ def test_float64_variables_are_computed_in_float64():
         oracle.step(grad)
     assert optimizer.accumulator(variable).dtype == tf.float64
     np.testing.assert_allclose(variable.numpy(), oracle.weights, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_sparse_gradient_with_no_rows_changes_nothing(jit_compile):
+    optimizer = ClippyAdagrad(learning_rate=0.1)
+    table = tf.Variable(np.ones((4, 2), np.float32))
+    empty = tf.IndexedSlices(tf.zeros((0, 2)), tf.zeros((0,), tf.int64), tf.constant([4, 2], tf.int64))
+    tf.function(optimizer.apply_gradients, jit_compile=jit_compile)([(empty, table)])
+    np.testing.assert_array_equal(table.numpy(), np.ones((4, 2)))
+    np.testing.assert_array_equal(optimizer.accumulator(table).numpy(), np.full((4, 2), 0.1, np.float32))

@@ -16,6 +16,7 @@ import math
 from typing import NamedTuple, Optional, Protocol, Sequence
 
 import tensorflow as tf
+from tensorflow.python.ops import control_flow_util  # pylint: disable=g-direct-tensorflow-import
 
 ACCUMULATOR_UPDATES = ("delayed", "delayed_clipped", "standard")
 """When and with what the accumulator G is updated.
@@ -268,21 +269,32 @@ def apply_dense(
     return tf.group([variable.assign(new_variable), slots.accumulator.assign(new_accumulator), *_record(slots, result)])
 
 
-def deduplicate(grad: tf.IndexedSlices) -> tf.IndexedSlices:
-    """Sums the values of repeated indices, keeping the static number of rows (XLA needs static shapes).
+def _in_xla_context() -> bool:
+    """Whether the graph being traced is compiled by XLA (`jit_compile=True`), which needs static shapes."""
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
-    Returns `IndexedSlices` with as many rows as `grad`: the first k rows hold the k distinct indices (sorted) and
-    their summed values; the remaining rows have index 0 and value 0, so scatter-adding them changes nothing.
+
+def deduplicate(grad: tf.IndexedSlices) -> tf.IndexedSlices:
+    """Sums the values of repeated indices; the result's indices are distinct and sorted.
+
+    Under XLA the result keeps the static number of rows: the first k rows hold the k distinct indices and their
+    summed values, the remaining rows have index 0 and value 0, so scatter-*adding* them changes nothing. Elsewhere
+    the padding is cut off, so that later gathers and scatters touch each row once.
     """
     num_rows = tf.shape(grad.indices)[0]
     order = tf.argsort(grad.indices, stable=True)
     sorted_indices = tf.gather(grad.indices, order)
-    is_first = tf.concat([[True], sorted_indices[1:] != sorted_indices[:-1]], axis=0)
+    # Ids are non-negative, so -1 marks the start: correct for an empty gradient too.
+    previous = tf.concat([tf.constant([-1], sorted_indices.dtype), sorted_indices[:-1]], axis=0)
+    is_first = sorted_indices != previous
     segment = tf.cumsum(tf.cast(is_first, tf.int32)) - 1
     values = tf.math.unsorted_segment_sum(tf.gather(grad.values, order), segment, num_rows)
     indices = tf.tensor_scatter_nd_update(
         tf.zeros_like(grad.indices), tf.expand_dims(segment, 1), sorted_indices
     )
+    if not _in_xla_context():
+        num_distinct = tf.reduce_sum(tf.cast(is_first, tf.int32))
+        values, indices = values[:num_distinct], indices[:num_distinct]
     return tf.IndexedSlices(values, indices, grad.dense_shape)
 
 
