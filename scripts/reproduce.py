@@ -1,0 +1,401 @@
+"""Reproduces the Clippy paper's optimizer comparison (Tang et al., KDD 2023, Table 2) on public data.
+
+Every run trains one ranker preset (Small, Large, Large+DCN) with one method (naive Adagrad, layer-wise gradient
+clipping GC, adaptive gradient clipping AGC, LAMB on Adagrad, Clippy) at one learning-rate multiplier (1x, 2x of
+the dataset's calibrated base rate) and one seed, for one pass over the training split in time order, and is
+evaluated on the held-out newest data: AUC per binary task, RMSE per regression task. Each run's per-step loss is
+watched for micro- and full divergence.
+
+    TF_USE_LEGACY_KERAS=1 .venv/bin/python scripts/reproduce.py                      # ML-100K, ~10 min on 2 cores
+    TF_USE_LEGACY_KERAS=1 .venv/bin/python scripts/reproduce.py --grid paper         # every grid point of the paper
+    TF_USE_LEGACY_KERAS=1 .venv/bin/python scripts/reproduce.py --dataset census_income --scale 0.125
+
+Outputs, in `<out>/<dataset>/`: `runs/<key>.json` (one record per run, keyed by a hash of its config: a run already
+there is not recomputed, so an interrupted command resumes), `runs.json` (every record of this command),
+`summary.json` (the same without the curves), `table.md` (the paper-shaped table, the per-learning-rate stability
+table and the rollback comparison), `training_loss_<m>x.png` (Figure 5) and `clipping_factors_<m>x.png` (Figure 6).
+
+Best learning rate per method: the paper reports each method at its best learning rate. Here each method runs at
+every multiplier and, with `--grid paper`, every point of its hyper-parameter grid; the table shows per (model,
+method) the setting with the highest mean AUC over seeds among the settings none of whose seeds diverged, and names
+it in the "best lr" row. The selection reads the test split, as the paper's table does; it favours no method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import pathlib
+import platform
+import sys
+import time
+from typing import Any, Callable, Optional, Sequence
+
+REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPOSITORY))  # `models` lives at the repository root, beside the installed tfrs_clippy
+
+import tensorflow as tf  # noqa: E402
+
+import models  # noqa: E402
+from tfrs_clippy import reporting  # noqa: E402
+from tfrs_clippy.data import Splits, census_income, make_pipeline, movielens_100k, synthetic  # noqa: E402
+from tfrs_clippy.keras_runtime import LEGACY_KERAS, keras  # noqa: E402
+from tfrs_clippy.optimizers import PAPER_GRIDS, build_optimizer  # noqa: E402
+from tfrs_clippy.stability import ClippingFactorLogger, DivergenceMonitor, RollbackOnDivergence  # noqa: E402
+
+RECORD_VERSION = 1
+"""Part of every run's config, hence of its key: bump it when a change to this script changes results."""
+
+FUSE_DENSE_UPDATES = False
+"""The optimizers' XLA-fused dense step: at these scaled-down widths on CPU its per-run compile time (2-5 s)
+exceeds what it saves in a 157-step pass, so the runs use the unfused step (same arithmetic)."""
+
+MODELS = ("small", "large", "large_dcn")
+METHODS = ("naive", "gc", "agc", "lamb", "clippy")
+EVAL_BATCH_SIZE = 4096
+
+# One setting per method for the default (budgeted) run: the middle point of each of the paper's grids.
+MIDDLE_GRID = {method: [grid[len(grid) // 2]] for method, grid in PAPER_GRIDS.items()}
+GRIDS = {"middle": MIDDLE_GRID, "paper": PAPER_GRIDS}
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetChoice:
+    """A dataset the runner knows and its calibrated base (1x) learning rate.
+
+    Attributes:
+        load: Returns the splits.
+        base_learning_rate: The 1x learning rate; see `docs/reproduction.md` and the sweep it cites.
+        description: How the data is set up, for the output.
+    """
+
+    load: Callable[[], Splits]
+    base_learning_rate: float
+    description: str
+
+
+DATASETS = {
+    # 1x = 0.08, the largest rate of the factor-2 sweep at which naive Adagrad did not diverge on any preset (the
+    # "edge"); 2x = 0.16 is the "onset", where it diverged on Large+DCN (docs/calibration/movielens_100k.md, from
+    # `scripts/calibrate_lr.py --dataset movielens_100k`, scale 1/16, batch 512, seed 0).
+    "movielens_100k": DatasetChoice(movielens_100k, 0.08, "MovieLens-100K, oldest 80% train, newest 20% test"),
+    # NOT calibrated: Census-Income and the synthetic stream reuse ML-100K's 1x. Sweep them with
+    # `scripts/calibrate_lr.py --dataset <name>` and pass the edge as --base-learning-rate.
+    "census_income": DatasetChoice(census_income, 0.08, "Census-Income (KDD), official train file, test half"),
+    "synthetic": DatasetChoice(
+        lambda: synthetic(num_train=100_000, num_test=20_000, vocabulary_sizes=(1_000, 10_000, 100_000)),
+        0.08,
+        "synthetic drifting stream, 100k train then 20k test, vocabularies 1e3/1e4/1e5",
+    ),
+}
+
+
+def comma_list(text: str) -> list[str]:
+    """"a,b" -> ["a", "b"]."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parses and checks the command line.
+
+    Raises:
+        ValueError: A flag's value is out of range; the message names the flag and the value.
+    """
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", default="movielens_100k", help=f"one of {sorted(DATASETS)}")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated presets")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
+    parser.add_argument("--lr-multipliers", default="1,2", help="comma-separated multipliers of the base rate")
+    parser.add_argument("--base-learning-rate", type=float, default=None,
+                        help="the 1x rate; default: the dataset's calibrated one")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--grid", default="middle", help="'middle' (one point per method) or 'paper' (the full grids)")
+    parser.add_argument("--scale", type=float, default=1 / 16, help="width multiplier of every preset")
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--train-steps", type=int, default=0, help="stop each pass after this many steps; 0: one full pass")
+    parser.add_argument("--eval-examples", type=int, default=0, help="evaluate on the first N test examples; 0: all")
+    parser.add_argument("--rollback-model", default="large_dcn",
+                        help="also run naive Adagrad at the highest multiplier with RollbackOnDivergence on this "
+                             "preset ('none': skip)")
+    parser.add_argument("--rollback-lr-factor", type=float, default=0.5,
+                        help="RollbackOnDivergence's learning-rate factor per rollback")
+    parser.add_argument("--out", default="results", help="output folder")
+    args = parser.parse_args(argv)
+    args.models, args.methods = comma_list(args.models), comma_list(args.methods)
+    check_choices("--dataset", [args.dataset], DATASETS)
+    check_choices("--models", args.models, MODELS)
+    check_choices("--methods", args.methods, METHODS)
+    check_choices("--grid", [args.grid], GRIDS)
+    check_choices("--rollback-model", [args.rollback_model], (*MODELS, "none"))
+    try:
+        args.lr_multipliers = sorted(float(value) for value in comma_list(args.lr_multipliers))
+    except ValueError:
+        raise ValueError(f"--lr-multipliers must be comma-separated numbers, got {args.lr_multipliers!r}") from None
+    if not args.lr_multipliers or min(args.lr_multipliers) <= 0:
+        raise ValueError(f"--lr-multipliers must be positive numbers, got {args.lr_multipliers}")
+    for flag, value, minimum in (("--seeds", args.seeds, 1), ("--batch-size", args.batch_size, 1),
+                                 ("--train-steps", args.train_steps, 0), ("--eval-examples", args.eval_examples, 0)):
+        if value < minimum:
+            raise ValueError(f"{flag} must be >= {minimum}, got {value}")
+    if not (math.isfinite(args.scale) and args.scale > 0):
+        raise ValueError(f"--scale must be a finite number > 0, got {args.scale}")
+    if args.base_learning_rate is not None and not args.base_learning_rate > 0:
+        raise ValueError(f"--base-learning-rate must be > 0, got {args.base_learning_rate}")
+    if not 0 < args.rollback_lr_factor <= 1:
+        raise ValueError(f"--rollback-lr-factor must be in (0, 1], got {args.rollback_lr_factor}")
+    return args
+
+
+def check_choices(flag: str, values: Sequence[str], choices: Sequence[str]) -> None:
+    """Raises a ValueError naming `flag` if `values` is empty or holds a value not in `choices`."""
+    unknown = [value for value in values if value not in choices]
+    if unknown or not values:
+        raise ValueError(f"{flag} must be among {sorted(choices)}, got {list(values)}")
+
+
+def run_config(args: argparse.Namespace, model: str, method: str, hyperparameters: dict, multiplier: float,
+               seed: int, rollback: bool = False) -> dict[str, Any]:
+    """The config of one run: everything its result depends on (its key is `reporting.config_key` of it)."""
+    base = args.base_learning_rate or DATASETS[args.dataset].base_learning_rate
+    return {
+        "version": RECORD_VERSION,
+        "dataset": args.dataset,
+        "model": model,
+        "scale": args.scale,
+        "method": method,
+        "hyperparameters": hyperparameters,
+        "lr_multiplier": multiplier,
+        "learning_rate": base * multiplier,
+        "seed": seed,
+        "batch_size": args.batch_size,
+        "train_steps": args.train_steps,
+        "eval_examples": args.eval_examples,
+        "rollback": {"lr_factor": args.rollback_lr_factor} if rollback else None,
+        "fuse_dense_updates": FUSE_DENSE_UPDATES,
+    }
+
+
+def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every run of the command: model x method x grid point x multiplier x seed, then the rollback stage."""
+    grid = GRIDS[args.grid]
+    configs = [
+        run_config(args, model, method, hyperparameters, multiplier, seed)
+        for model in args.models
+        for method in args.methods
+        for hyperparameters in grid[method]
+        for multiplier in args.lr_multipliers
+        for seed in range(args.seeds)
+    ]
+    if args.rollback_model != "none" and "naive" in args.methods and args.rollback_model in args.models:
+        configs += [
+            run_config(args, args.rollback_model, "naive", {}, args.lr_multipliers[-1], seed, rollback=True)
+            for seed in range(args.seeds)
+        ]
+    return configs
+
+
+def readable_variable_names(model: models.Ranker) -> dict[str, str]:
+    """Variable name -> "<part>/<layer>/<weight>" with part "embedding", "cross", "bottom" or "tower_<task>"."""
+    parts = [("embedding", model.embedding), ("cross", model.cross_network), ("bottom", model.bottom),
+             *((f"tower_{task}", tower) for task, tower in model.towers.items())]
+    names = {}
+    for part, layer in parts:
+        for variable in layer.trainable_variables if layer is not None else []:
+            layer_and_weight = variable.name.split(":")[0].split("/")[-2:]
+            names[variable.name] = "/".join([part, *layer_and_weight])
+    return names
+
+
+def train_and_evaluate(config: dict[str, Any], splits: Splits) -> dict[str, Any]:
+    """Trains and evaluates the run `config` (see `run_config`) and returns its record (see `tfrs_clippy.reporting`)."""
+    started = time.perf_counter()
+    keras.backend.clear_session()  # fresh layer names (the plots use them) and no graphs of earlier runs
+    keras.utils.set_random_seed(config["seed"])
+    ranker = models.build_ranker(splits.spec, models.RankerConfig.preset(config["model"], scale=config["scale"]))
+    logs_factors = config["method"] == "clippy"
+    optimizer = build_optimizer(config["method"], config["learning_rate"], export_clipping_factors=logs_factors,
+                                fuse_dense_updates=config["fuse_dense_updates"], **config["hyperparameters"])
+    ranker.compile(optimizer=optimizer)
+    if config["rollback"]:
+        monitor = RollbackOnDivergence(lr_factor=config["rollback"]["lr_factor"])
+    else:
+        monitor = DivergenceMonitor()
+    callbacks: list[keras.callbacks.Callback] = [monitor]
+    factor_logger = ClippingFactorLogger() if logs_factors else None
+    if factor_logger is not None:
+        callbacks.append(factor_logger)
+    train = make_pipeline(splits.train, config["batch_size"])
+    if config["train_steps"]:
+        train = train.take(config["train_steps"])
+    ranker.fit(train, epochs=1, verbose=0, callbacks=callbacks)
+    test = splits.test.take(config["eval_examples"]) if config["eval_examples"] else splits.test
+    evaluation = ranker.evaluate(make_pipeline(test, EVAL_BATCH_SIZE), return_dict=True, verbose=0)
+    tasks = {task.name: task.kind for task in splits.spec.tasks}
+    metrics = {name: float(evaluation[name]) for name in reporting.metric_names(tasks)}
+    losses = list(monitor.record.losses)
+    record: dict[str, Any] = {
+        "key": reporting.config_key(config),
+        "config": config,
+        "tasks": tasks,
+        "metrics": metrics,
+        "losses": losses,
+        "verdict": reporting.classify_run(losses, metrics).to_dict(),
+        "nonfinite_steps_skipped": int(optimizer.nonfinite_steps.numpy()),
+        "seconds": time.perf_counter() - started,
+    }
+    if isinstance(monitor, RollbackOnDivergence):
+        record["rollbacks"] = monitor.rollbacks
+    if factor_logger is not None:
+        names = readable_variable_names(ranker)
+        record["clipping_factors"] = {
+            "steps": factor_logger.record.steps,
+            "factors": {names.get(name, name): values for name, values in factor_logger.record.factors.items()},
+        }
+    return record
+
+
+def describe(config: dict[str, Any]) -> str:
+    """E.g. "large_dcn gc(threshold=0.01) lr=2x (0.04) seed=1" (+ " rollback")."""
+    settings = ",".join(f"{name}={value:g}" for name, value in sorted(config["hyperparameters"].items()))
+    method = f"{config['method']}({settings})" if settings and config["method"] != "clippy" else config["method"]
+    multiplier = reporting.format_multiplier(config["lr_multiplier"])
+    text = f"{config['model']} {method} lr={multiplier} ({config['learning_rate']:g}) seed={config['seed']}"
+    return text + (" rollback" if config["rollback"] else "")
+
+
+def format_duration(seconds: float) -> str:
+    """75 -> "1m15s"."""
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+def summarize_run(record: dict[str, Any]) -> str:
+    """The metrics and verdict of a run, for its progress line."""
+    metrics = " ".join(f"{name}={value:.4f}" for name, value in record["metrics"].items())
+    verdict = record["verdict"]
+    state = f"DIVERGED({verdict['reason']})" if verdict["diverged"] else "ok"
+    return f"{metrics} micro={verdict['micro_divergences']} full={verdict['full_divergences']} {state}"
+
+
+def run_all(configs: list[dict[str, Any]], splits: Splits, runs_dir: pathlib.Path) -> list[dict[str, Any]]:
+    """Runs (or reads back) every config, printing a progress line per run; returns the records in config order."""
+    cached = {reporting.config_key(config) for config in configs if (runs_dir / f"{reporting.config_key(config)}.json").exists()}
+    to_compute = sum(reporting.config_key(config) not in cached for config in configs)
+    started, computed, records = time.perf_counter(), 0, []
+    for index, config in enumerate(configs, start=1):
+        key = reporting.config_key(config)
+        path = runs_dir / f"{key}.json"
+        prefix = f"[run {index}/{len(configs)}] {describe(config)}"
+        if key in cached:
+            record = reporting.read_json(path)
+            # The verdict is re-derived, so a change of the divergence rule needs no rerun.
+            record["verdict"] = reporting.classify_run(record["losses"], record["metrics"]).to_dict()
+            records.append(record)
+            print(f"{prefix} ... cached: {summarize_run(record)}", flush=True)
+            continue
+        record = train_and_evaluate(config, splits)
+        reporting.write_json_atomically(path, record)
+        records.append(record)
+        computed += 1
+        elapsed = time.perf_counter() - started
+        remaining = elapsed / computed * (to_compute - computed)
+        print(f"{prefix} ... {summarize_run(record)} {record['seconds']:.1f}s "
+              f"(elapsed {format_duration(elapsed)}, remaining ~{format_duration(remaining)})", flush=True)
+    return records
+
+
+def preset_widths(scale: float, names: Sequence[str]) -> str:
+    """E.g. "small 32x2, large 256x4, large_dcn 1 cross + 256x4" at `scale`."""
+    parts = []
+    for name in names:
+        config = models.RankerConfig.preset(name, scale=scale)
+        widths = config.scaled(config.bottom_units)
+        bottom = f"{widths[0]}x{len(widths)}" if len(set(widths)) == 1 else "-".join(map(str, widths))
+        parts.append(f"{name} {f'{config.cross_layers} cross + ' if config.cross_layers else ''}{bottom}")
+    return ", ".join(parts)
+
+
+def write_reports(records: list[dict[str, Any]], args: argparse.Namespace, out: pathlib.Path,
+                  wall_seconds: float) -> list[pathlib.Path]:
+    """Writes runs.json, summary.json, table.md and the plots; returns the paths written."""
+    written = [
+        reporting.write_json_atomically(out / "runs.json", records),
+        reporting.write_json_atomically(
+            out / "summary.json",
+            [{key: value for key, value in record.items() if key not in ("losses", "clipping_factors")}
+             for record in records],
+        ),
+    ]
+    base = args.base_learning_rate or DATASETS[args.dataset].base_learning_rate
+    header = [
+        f"# Optimizer comparison on {args.dataset}",
+        "",
+        f"- Command: `scripts/reproduce.py {' '.join(args.argv)}`".rstrip(),
+        f"- Data: {DATASETS[args.dataset].description}; one pass in time order, batch {args.batch_size}"
+        + (f", first {args.train_steps} steps only" if args.train_steps else ""),
+        f"- Presets scaled by {args.scale:g} (every preset by the same factor, so the widths keep the paper's "
+        f"Small : Large : Large+DCN ratios): {preset_widths(args.scale, MODELS)}",
+        f"- 1x learning rate {base:g}; multipliers {', '.join(map(reporting.format_multiplier, args.lr_multipliers))}; "
+        f"{args.seeds} seeds; grid '{args.grid}'",
+        f"- {len(records)} runs, {sum(r['verdict']['diverged'] for r in records)} diverged; wall time of this "
+        f"command {format_duration(wall_seconds)}, of all runs (incl. cached) "
+        f"{format_duration(sum(r['seconds'] for r in records))}",
+        f"- Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"TensorFlow {tf.__version__}",
+        "",
+        "## Table 2 (mean ± std over seeds at the best stable setting; AUC in %)",
+        "",
+        reporting.paper_table(records),
+        "## Every learning rate (mean AUC % · seeds diverged · micro-divergences)",
+        "",
+        reporting.stability_table(records),
+    ]
+    rollback = reporting.rollback_table(records)
+    if rollback:
+        header += ["## Naive Adagrad with and without RollbackOnDivergence", "", rollback]
+    written.append(out / "table.md")
+    written[-1].write_text("\n".join(header), encoding="utf-8")
+    top = args.lr_multipliers[-1]
+    main_records = [record for record in records if not record["config"]["rollback"]]
+    written.append(pathlib.Path(reporting.plot_training_loss(
+        main_records, str(out / f"training_loss_{top:g}x.png"), top)))
+    clippy_runs = [record for record in main_records
+                   if record["config"]["method"] == "clippy" and record["config"]["lr_multiplier"] == top]
+    if clippy_runs:
+        # Figure 6 shows the largest model: prefer Large+DCN, then Large, then Small; the first seed.
+        shown = min(clippy_runs, key=lambda r: (-MODELS.index(r["config"]["model"]), r["config"]["seed"]))
+        written.append(pathlib.Path(reporting.plot_run_clipping_factors(shown, str(out / f"clipping_factors_{top:g}x.png"))))
+    return written
+
+
+def main(argv: Sequence[str]) -> int:
+    try:
+        args = parse_args(argv)
+    except ValueError as error:
+        print(f"reproduce.py: error: {error}", file=sys.stderr)
+        return 2
+    args.argv = list(argv)
+    if not LEGACY_KERAS:
+        print("reproduce.py: error: TFRS and the rankers need Keras 2; run with TF_USE_LEGACY_KERAS=1.", file=sys.stderr)
+        return 2
+    logging.getLogger("tfrs_clippy.stability.rollback").setLevel(logging.ERROR)  # the table reports rollbacks
+    started = time.perf_counter()
+    out = pathlib.Path(args.out) / args.dataset
+    configs = plan_runs(args)
+    print(f"{len(configs)} runs on {args.dataset}; presets scaled by {args.scale:g}: {preset_widths(args.scale, args.models)}",
+          flush=True)
+    splits = DATASETS[args.dataset].load()
+    records = run_all(configs, splits, out / "runs")
+    for path in write_reports(records, args, out, time.perf_counter() - started):
+        print(f"wrote {path}")
+    print(f"wall time {format_duration(time.perf_counter() - started)}")
+    return 0
+
+
+if __name__ == "__main__":
+    tf.get_logger().setLevel("ERROR")
+    sys.exit(main(sys.argv[1:]))
