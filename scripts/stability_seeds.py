@@ -3,8 +3,8 @@
 Each seed trains a small two-task model (a click-like binary head and a rating-like regression head on a shared
 ReLU tower) on synthetic data of its own, for a fixed number of steps, watched by `DivergenceMonitor` (or, with
 --rollback, by `RollbackOnDivergence`, which also survives the spikes). A run *diverged* if the monitor saw a full
-divergence (NaN/Inf, or a spike that did not recover). Example, naive Adagrad at a high learning rate with and
-without rollback:
+divergence (NaN/Inf, or a spike that did not recover); a NaN step that a rollback undid is counted as *rescued*
+instead. Example, naive Adagrad at a high learning rate with and without rollback:
 
     python scripts/stability_seeds.py --optimizer adagrad --learning-rate 0.5 --seeds 8
     python scripts/stability_seeds.py --optimizer adagrad --learning-rate 0.5 --seeds 8 --rollback
@@ -122,13 +122,17 @@ def main(argv: List[str]) -> int:
         f"{args.optimizer} lr={args.learning_rate} steps={args.steps} batch={args.batch_size} "
         f"rollback={'on' if args.rollback else 'off'} ({'Keras 2' if keras.__name__ == 'tf_keras' else 'Keras 3'})"
     )
-    print(f"{'seed':>4} {'micro':>5} {'full':>4} {'rollbacks':>9} {'ev/1k':>6} {'in spike':>8} {'worst':>9} {'held-out loss':>13}")
+    print(
+        f"{'seed':>4} {'micro':>5} {'full':>4} {'rescued':>7} {'rollbacks':>9} {'ev/1k':>6} {'in spike':>8} "
+        f"{'worst':>9} {'held-out loss':>13}"
+    )
     results = []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         result = run_seed(seed, args)
         score = result.score
         print(
-            f"{seed:>4} {score.micro_divergences:>5} {score.full_divergences:>4} {result.rollbacks:>9} "
+            f"{seed:>4} {score.micro_divergences:>5} {score.full_divergences:>4} {score.rescued_divergences:>7} "
+            f"{result.rollbacks:>9} "
             f"{score.events_per_1000_steps:>6.1f} {score.fraction_steps_in_spike:>8.1%} "
             f"{score.worst_spike_ratio:>9.3g} {result.final_loss:>13.4g}"
         )
@@ -137,7 +141,8 @@ def main(argv: List[str]) -> int:
     finite = [result.final_loss for result in results if math.isfinite(result.final_loss)]
     print(
         f"diverged: {diverged}/{len(results)} seeds; micro-divergences: "
-        f"{sum(r.score.micro_divergences for r in results)}; rollbacks: {sum(r.rollbacks for r in results)}; "
+        f"{sum(r.score.micro_divergences for r in results)}; rescued: "
+        f"{sum(r.score.rescued_divergences for r in results)}; rollbacks: {sum(r.rollbacks for r in results)}; "
         f"median held-out loss (finite runs): {np.median(finite) if finite else math.nan:.4g}"
     )
     return 0

@@ -1,4 +1,4 @@
-"""ClippingFactorLogger and its plot, with a stand-in optimizer and with ClippyAdagrad."""
+"""ClippingFactorLogger and its plot, with a stand-in optimizer, the baselines and ClippyAdagrad."""
 
 import math
 import os
@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from tfrs_clippy.keras_runtime import keras
+from tfrs_clippy.optimizers import build_optimizer
 from tfrs_clippy.stability import ClippingFactorLogger, SharpnessMonitor, plot_clipping_factors
 from tfrs_clippy.stability.clipping_log import ClippingFactorRecord, layer_of
 
@@ -62,6 +63,33 @@ def test_logger_needs_an_optimizer_that_exports_factors():
         model.fit(*_data(), epochs=1, verbose=0, callbacks=[ClippingFactorLogger()])
     with pytest.raises(ValueError, match="every_n_steps"):
         ClippingFactorLogger(every_n_steps=0)
+
+
+@pytest.mark.parametrize("method", ["gc", "agc", "lamb", "clippy"])
+def test_logger_rejects_a_tfrs_clippy_optimizer_built_without_exporting_factors_before_training(method):
+    model = _model(build_optimizer(method, 0.1))
+    with pytest.raises(ValueError, match=r"export_clipping_factors=False.*export_clipping_factors=True"):
+        model.fit(*_data(), epochs=1, verbose=0, callbacks=[ClippingFactorLogger()])
+    assert int(model.optimizer.iterations) == 0  # rejected in on_train_begin, not at the first batch
+
+
+@pytest.mark.parametrize("method, at_most_one", [("gc", True), ("agc", True), ("lamb", False)])
+def test_logger_with_the_baselines_scaling_factors(method, at_most_one, tmp_path):
+    # A small threshold / trust scale so that the scaling bites; factors are the optimizer's own, step by step.
+    hyperparameters = {"trust_scale": 1e-2} if method == "lamb" else {"threshold": 1e-3}
+    model = _model(build_optimizer(method, 0.5, export_clipping_factors=True, **hyperparameters))
+    logger = ClippingFactorLogger()
+    history = model.fit(*_data(), batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[logger])
+    assert logger.record.steps == list(range(8))
+    assert len(logger.record.factors) == 4  # two kernels, two biases
+    values = np.array(list(logger.record.factors.values()))
+    assert np.all(np.isfinite(values) & (values > 0.0))
+    if at_most_one:
+        assert np.all(values <= 1.0) and values.min() < 1.0
+    final = {name: float(v) for name, v in model.optimizer.clipping_factors_by_name().items()}
+    assert [logger.record.factors[name][-1] for name in final] == pytest.approx(list(final.values()))
+    assert history.history["clipping_factor/min"] == pytest.approx([values.min()])
+    assert os.path.getsize(plot_clipping_factors(logger.record, str(tmp_path / f"{method}.png"))) > 1000
 
 
 def test_record_fills_missing_variables_with_nan_and_groups_by_layer():

@@ -90,33 +90,31 @@ def test_bad_config_raises_naming_the_argument(field, value):
         DetectorConfig(**{field: value})
 
 
-def test_reader_recovers_batch_losses_from_a_running_mean():
-    batch_losses = [1.0, 3.0, 2.0, 10.0, 1.5]
-    reader = BatchLossReader(loss_is_running_mean=True)
-    reader.start_training(model=None)
-    reader.restart_mean(next_batch=0)
-    recovered = [
-        reader.read(batch, {"loss": np.float32(np.mean(batch_losses[: batch + 1]))}) for batch in range(5)
-    ]
-    np.testing.assert_allclose(recovered, batch_losses, rtol=1e-5)
-
-
-def test_reader_handles_several_batches_per_call_and_a_restarted_mean():
-    reader = BatchLossReader(loss_is_running_mean=True)
-    reader.start_training(model=None)
-    reader.restart_mean(next_batch=0)
-    assert reader.read(1, {"loss": 2.0}) == pytest.approx(2.0)  # batches 0-1, mean 2
-    assert reader.read(3, {"loss": 3.0}) == pytest.approx(4.0)  # batches 2-3 average 4
-    reader.restart_mean(next_batch=4)  # e.g. model.reset_metrics() after batch 3
-    assert reader.read(4, {"loss": 7.0}) == pytest.approx(7.0)
+def test_reader_reads_its_key_and_names_it_when_missing():
+    reader = BatchLossReader(loss_key="total_loss")
+    assert reader.read({"total_loss": np.float32(5.0), "loss": 1.0}) == 5.0
+    with pytest.raises(ValueError, match="total_loss"):
+        reader.read({"loss": 1.0})
     with pytest.raises(ValueError, match="loss_key"):
-        reader.read(5, {"accuracy": 1.0})
+        BatchLossReader(loss_key="")
 
 
-def test_reader_returns_per_batch_loss_as_is():
-    reader = BatchLossReader(loss_is_running_mean=False)
-    reader.start_training(model=None)
-    assert [reader.read(b, {"loss": v}) for b, v in enumerate([5.0, 1.0])] == [5.0, 1.0]
+def test_rescued_event_is_not_a_divergence_of_the_run():
+    losses = list(_noisy_decreasing_loss(100))
+    losses[50] = math.nan
+    record = detect_divergence(losses)
+    assert record.instability_score().diverged
+    assert record.rescue_last_event().kind == "rescued"
+    score = record.instability_score()
+    assert (score.full_divergences, score.rescued_divergences, score.diverged) == (0, 1, False)
+    assert score.events_per_1000_steps == pytest.approx(10.0)  # the instability still counts as an event
+
+
+def test_only_a_non_finite_full_divergence_can_be_rescued():
+    losses = _noisy_decreasing_loss(400)
+    losses[200:205] *= 20.0
+    with pytest.raises(ValueError, match="non-finite"):
+        detect_divergence(losses).rescue_last_event()
 
 
 def test_spike_open_at_the_end_of_the_sequence_is_full():

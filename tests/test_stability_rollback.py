@@ -94,8 +94,30 @@ def test_nan_rolls_back_from_disk_with_a_lower_learning_rate(tmp_path):
     assert [e.learning_rate for e in rollback.rollback_events] == pytest.approx([0.05, 0.025])
     assert float(np.array(model.optimizer.learning_rate)) == pytest.approx(0.025)
     assert all(np.all(np.isfinite(w)) for w in model.get_weights())
-    assert [(e.kind, e.reason) for e in rollback.events] == [("full", "non_finite")] * 2
+    # Both NaN steps were undone: rescued, not a divergence of the run.
+    assert [(e.kind, e.reason) for e in rollback.events] == [("rescued", "non_finite")] * 2
+    score = rollback.record.instability_score()
+    assert (score.full_divergences, score.rescued_divergences, score.diverged) == (0, 2, False)
     assert len(list(tmp_path.glob("*.npz"))) == 2
+
+
+def test_rescued_nan_does_not_stop_training_but_an_unrescued_one_does():
+    def nan_targets(block):
+        block[0] = np.nan
+
+    features, targets = _data(30, nan_targets)
+    rescuing = RollbackOnDivergence(snapshot_every_n_steps=5, skip_batches=2, stop_on_full_divergence=True)
+    history = _model().fit(
+        features, targets, batch_size=BATCH_SIZE, epochs=1, shuffle=False, verbose=0, callbacks=[rescuing]
+    )
+    assert rescuing.global_step == BATCHES  # trained to the end
+    assert history.history["full_divergences"] == [0] and history.history["rescued_divergences"] == [1]
+    out_of_rollbacks = RollbackOnDivergence(snapshot_every_n_steps=5, max_rollbacks=0, stop_on_full_divergence=True)
+    _model().fit(
+        features, targets, batch_size=BATCH_SIZE, epochs=1, shuffle=False, verbose=0, callbacks=[out_of_rollbacks]
+    )
+    assert out_of_rollbacks.global_step == 31
+    assert [(e.kind, e.start_step) for e in out_of_rollbacks.events] == [("full", 30)]
 
 
 def test_spike_before_any_old_enough_snapshot_is_logged_without_rollback():

@@ -131,3 +131,57 @@ def test_sharpness_monitor_rejects_bad_arguments():
         SharpnessMonitor((np.zeros((1, 2)), np.zeros((1, 1))), every_n_steps=0)
     with pytest.raises(ValueError, match="batch"):
         SharpnessMonitor(np.zeros((1, 2)))
+
+
+class TwoHeadModel(keras.Model):
+    """A model with dict inputs and outputs and its own train_step, no compiled loss: the shape of a TFRS Ranker."""
+
+    def __init__(self):
+        super().__init__()
+        self.score = keras.layers.Dense(1, use_bias=False, kernel_initializer="ones")
+        self.aux = keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros")
+
+    def call(self, features, training=False):
+        return {"score": self.score(features["x"]), "aux": self.aux(features["x"])}
+
+    def batch_loss(self, batch, training=False):
+        # On the quadratic's rows: score's kernel sees H = diag(20, 1), aux's kernel 0.5 * diag(20, 1).
+        outputs = self(batch, training=training)
+        return tf.reduce_mean(tf.square(outputs["score"] - batch["label"])) + 0.5 * tf.reduce_mean(
+            tf.square(outputs["aux"])
+        )
+
+    def train_step(self, batch):
+        with tf.GradientTape() as tape:
+            loss = self.batch_loss(batch, training=True)
+        gradients = tape.gradient(loss, self.trainable_variables)
+        self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
+        return {"loss": loss}
+
+
+def test_loss_fn_measures_a_model_with_dict_outputs_and_no_compiled_loss():
+    features, labels = _quadratic_regression_data()
+    batch = {"x": features, "label": labels}
+    model = TwoHeadModel()
+    model.compile(optimizer=keras.optimizers.SGD(0.01))
+    sharpness = SharpnessMonitor(
+        batch, every_n_steps=2, loss_fn=lambda m, b: m.batch_loss(b), max_iterations=100, tolerance=1e-6
+    )
+    model.fit(tf.data.Dataset.from_tensors(batch).repeat(5), epochs=1, verbose=0, callbacks=[sharpness])
+    assert sharpness.record.steps == [0, 2, 4]
+    np.testing.assert_allclose(sharpness.record.sharpness, 20.0, rtol=0.01)  # the two heads' blocks: 20 and 10
+    assert all(np.isnan(sharpness.record.preconditioned_sharpness))
+    # Without loss_fn the same model cannot be measured: no compiled loss, and a dict is not an (x, y) pair.
+    with pytest.raises(ValueError, match="loss_fn"):
+        SharpnessMonitor(batch)
+    without_loss_fn = SharpnessMonitor((features, labels))
+    with pytest.raises(ValueError, match="loss_fn"):
+        model.fit(tf.data.Dataset.from_tensors(batch), epochs=1, verbose=0, callbacks=[without_loss_fn])
+
+
+def test_loss_fn_arguments_are_checked():
+    batch = {"x": np.zeros((2, 2), np.float32)}
+    with pytest.raises(ValueError, match="loss_fn"):
+        SharpnessMonitor(batch, loss_fn="mse")
+    with pytest.raises(ValueError, match="not both"):
+        SharpnessMonitor(batch, loss="mse", loss_fn=lambda m, b: 0.0)

@@ -14,10 +14,8 @@ import re
 from typing import Any, Dict, List, Optional
 
 import numpy as np
-import tensorflow as tf
 
-from tfrs_clippy.keras_runtime import keras
-from tfrs_clippy.stability import _plotting, _summary
+from tfrs_clippy.stability import _callback, _plotting
 
 _TAG_PREFIX = "clipping_factor/"
 
@@ -49,14 +47,15 @@ def layer_of(variable_name: str) -> str:
     return name.rsplit("/", 1)[0] if "/" in name else name
 
 
-class ClippingFactorLogger(keras.callbacks.Callback):
+class ClippingFactorLogger(_callback.PeriodicCallback):
     """Records `optimizer.clipping_factors_by_name()` every `every_n_steps` steps.
 
     Per measured step the factors go to `record` and, with `log_dir`, to TensorBoard as `clipping_factor/<name>`
     (and `clipping_factor/min`). At the end of each epoch the epoch logs (hence History and a later TensorBoard
     callback) get each variable's mean factor over the epoch's measured steps, and `clipping_factor/min`, the
     smallest factor seen in the epoch. Batch logs are left alone: with many variables they would flood the progress
-    bar.
+    bar. The optimizer must export its factors: ClippyAdagrad or a baseline of `build_optimizer` built with
+    `export_clipping_factors=True`, or any optimizer with a `clipping_factors_by_name()`.
 
     Args:
         every_n_steps: Record after every this many steps (the first after step 0).
@@ -64,41 +63,38 @@ class ClippingFactorLogger(keras.callbacks.Callback):
     """
 
     def __init__(self, every_n_steps: int = 1, log_dir: Optional[str] = None) -> None:
-        super().__init__()
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"`every_n_steps` must be an int >= 1, got {every_n_steps!r}.")
-        self.every_n_steps = every_n_steps
-        self.log_dir = log_dir
+        super().__init__(every_n_steps, log_dir)
         self.record = ClippingFactorRecord()
-        self._step = 0
         self._epoch_start_index = 0
-        self._writer: Optional[tf.summary.SummaryWriter] = None
 
     def on_train_begin(self, logs: Optional[Dict[str, Any]] = None) -> None:
-        if not callable(getattr(self.model.optimizer, "clipping_factors_by_name", None)):
+        optimizer = self.model.optimizer
+        if not callable(getattr(optimizer, "clipping_factors_by_name", None)):
             raise ValueError(
-                f"The model's optimizer {type(self.model.optimizer).__name__} has no `clipping_factors_by_name()`; "
+                f"The model's optimizer {type(optimizer).__name__} has no `clipping_factors_by_name()`; "
                 "use ClippyAdagrad with export_clipping_factors=True (or a baseline that exports factors)."
             )
-        if self.log_dir is not None and self._writer is None:
-            self._writer = tf.summary.create_file_writer(self.log_dir)
+        # tfrs_clippy's optimizers have the method but keep no factors unless asked to when built.
+        if getattr(optimizer, "export_clipping_factors", True) is not True:
+            raise ValueError(
+                f"The model's optimizer {type(optimizer).__name__} was built with export_clipping_factors="
+                f"{optimizer.export_clipping_factors!r}; build it with export_clipping_factors=True to log its "
+                "clipping factors."
+            )
+        super().on_train_begin(logs)
 
     def on_epoch_begin(self, epoch: int, logs: Optional[Dict[str, Any]] = None) -> None:
         self._epoch_start_index = len(self.record.steps)
 
-    def on_train_batch_end(self, batch: int, logs: Optional[Dict[str, Any]] = None) -> None:
-        step, self._step = self._step, self._step + 1
-        if step % self.every_n_steps:
-            return
+    def on_step(self, step: int, logs: Dict[str, Any]) -> None:
         factors = {
             name: float(np.asarray(value)) for name, value in self.model.optimizer.clipping_factors_by_name().items()
         }
         self.record.add(step, factors)
-        if self._writer is not None and factors:
-            with self._writer.as_default():
-                for name, value in factors.items():
-                    _summary.write_scalar(_summary_tag(name), value, step)
-                _summary.write_scalar(_TAG_PREFIX + "min", min(factors.values()), step)
+        if factors:
+            scalars = {_summary_tag(name): value for name, value in factors.items()}
+            scalars[_TAG_PREFIX + "min"] = min(factors.values())
+            self.write_scalars(scalars, step)
 
     def on_epoch_end(self, epoch: int, logs: Optional[Dict[str, Any]] = None) -> None:
         if logs is None or len(self.record.steps) == self._epoch_start_index:
@@ -108,15 +104,10 @@ class ClippingFactorLogger(keras.callbacks.Callback):
             logs[_summary_tag(name)] = float(np.nanmean(values))
         logs[_TAG_PREFIX + "min"] = float(np.nanmin([np.nanmin(values) for values in epoch_values.values()]))
 
-    def on_train_end(self, logs: Optional[Dict[str, Any]] = None) -> None:
-        if self._writer is not None:
-            self._writer.flush()
-
 
 def plot_clipping_factors(record: ClippingFactorRecord, path: str, title: str = "Clipping factors") -> str:
     """Plots each variable's factor over steps, one panel per layer, to a PNG at `path`; returns `path`."""
-    if not record.steps:
-        raise ValueError("`record` has no steps to plot.")
+    _plotting.require_steps(record.steps)
     by_layer: Dict[str, List[str]] = collections.defaultdict(list)
     for name in record.factors:
         by_layer[layer_of(name)].append(name)

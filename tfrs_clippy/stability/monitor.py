@@ -11,6 +11,8 @@ metrics: a spike can come and go between two logging points. `SpikeDetector` wat
 - A spike is *micro* if the loss returns to or below the threshold fixed at the spike's start within
   `recovery_steps` steps, and *full* if it does not, or if any loss is NaN or Inf. A spike still open when the
   sequence (or training) ends counts as full: the run ended diverged.
+- A non-finite loss whose update `RollbackOnDivergence` undid (it restored a snapshot from before it) is
+  *rescued*: counted apart, since training went on from a state the NaN never touched.
 
 Losses are assumed non-negative (every standard Keras loss is). `DivergenceMonitor` feeds the detector from
 Keras `fit`; `detect_divergence` runs it on a recorded sequence; `InstabilityScore` summarises a run.
@@ -20,17 +22,20 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
+import threading
 from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
 
 from tfrs_clippy.keras_runtime import keras
-from tfrs_clippy.stability import _plotting, _summary
+from tfrs_clippy.stability import _callback, _plotting
 
 MICRO = "micro"
 FULL = "full"
+RESCUED = "rescued"
 _MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation.
 
 
@@ -75,7 +80,8 @@ class DivergenceEvent:
     """One detected divergence.
 
     Attributes:
-        kind: "micro" (spiked and recovered) or "full" (non-finite, or no recovery within `recovery_steps`).
+        kind: "micro" (spiked and recovered), "full" (non-finite, or no recovery within `recovery_steps`) or
+            "rescued" (non-finite, but a rollback undid the step; see `DivergenceRecord.rescue_last_event`).
         start_step: The step whose loss first crossed the threshold (or was non-finite).
         end_step: The step the loss recovered (micro), or the step full divergence was declared.
         peak_loss: The largest loss during the event (NaN/Inf if it was non-finite).
@@ -119,7 +125,6 @@ class SpikeDetector:
         self._spike_baseline = math.nan
         self._spike_peak = -math.inf
         self._non_finite_run = False
-        self.events: List[DivergenceEvent] = []
 
     @property
     def in_spike(self) -> bool:
@@ -137,10 +142,10 @@ class SpikeDetector:
 
     def _end_spike(self, step: int, kind: str, reason: str) -> DivergenceEvent:
         event = DivergenceEvent(kind, self._spike_start, step, self._spike_peak, self._spike_baseline, reason)
-        self.events.append(event)
         self._spike_start = None
-        if kind == FULL:
-            # Training that goes on after a full divergence is at a new level: measure from scratch.
+        if reason == "no_recovery":
+            # Training that goes on after a spike that never came back is at a new level: measure from scratch.
+            # (After a NaN the finite losses that may follow, e.g. after a rollback, are at the old level.)
             self._window.clear()
         return event
 
@@ -186,8 +191,10 @@ class InstabilityScore:
     Attributes:
         steps: Steps observed.
         micro_divergences: Spikes that recovered.
-        full_divergences: Non-finite losses or spikes that did not recover.
-        events_per_1000_steps: (micro + full) per 1,000 steps.
+        full_divergences: Non-finite losses or spikes that did not recover (not counting rescued ones).
+        rescued_divergences: Non-finite losses whose step a rollback undid.
+        events_per_1000_steps: (micro + full + rescued) per 1,000 steps: how often the run was unstable, whether
+            or not something saved it.
         fraction_steps_in_spike: Share of the steps whose loss was above the spike threshold or non-finite.
         worst_spike_ratio: The largest loss / baseline seen (inf if a loss was non-finite; 1.0 if no baseline yet).
     """
@@ -195,13 +202,14 @@ class InstabilityScore:
     steps: int
     micro_divergences: int
     full_divergences: int
+    rescued_divergences: int
     events_per_1000_steps: float
     fraction_steps_in_spike: float
     worst_spike_ratio: float
 
     @property
     def diverged(self) -> bool:
-        """Whether the run fully diverged at least once (the paper's per-run stability outcome)."""
+        """Whether the run fully diverged at least once and was not rescued (the paper's per-run outcome)."""
         return self.full_divergences > 0
 
 
@@ -224,6 +232,13 @@ class DivergenceRecord:
         if update.event is not None:
             self.events.append(update.event)
 
+    def rescue_last_event(self) -> DivergenceEvent:
+        """Re-labels the last event, a non-finite loss whose step a rollback undid, as "rescued"; returns it."""
+        if not self.events or (self.events[-1].kind, self.events[-1].reason) != (FULL, "non_finite"):
+            raise ValueError(f"Only a non-finite full divergence can be rescued, the last event is {self.events[-1:]}.")
+        self.events[-1] = dataclasses.replace(self.events[-1], kind=RESCUED)
+        return self.events[-1]
+
     def finish(self, detector: SpikeDetector, last_step: int) -> None:
         """Closes the record: an open spike becomes a full event at `last_step` (see `SpikeDetector.finish`)."""
         event = detector.finish(last_step)
@@ -231,13 +246,13 @@ class DivergenceRecord:
             self.events.append(event)
 
     def count(self, kind: str) -> int:
-        """The number of events of `kind` ("micro" or "full")."""
+        """The number of events of `kind` ("micro", "full" or "rescued")."""
         return sum(event.kind == kind for event in self.events)
 
     def instability_score(self) -> InstabilityScore:
         """Summarises the record; see `InstabilityScore`."""
         steps = len(self.steps)
-        micro, full = self.count(MICRO), self.count(FULL)
+        micro, full, rescued = self.count(MICRO), self.count(FULL), self.count(RESCUED)
         ratios = [
             loss / baseline if math.isfinite(loss) else math.inf
             for loss, baseline in zip(self.losses, self.baselines)
@@ -247,7 +262,8 @@ class DivergenceRecord:
             steps=steps,
             micro_divergences=micro,
             full_divergences=full,
-            events_per_1000_steps=1000.0 * (micro + full) / steps if steps else 0.0,
+            rescued_divergences=rescued,
+            events_per_1000_steps=1000.0 * (micro + full + rescued) / steps if steps else 0.0,
             fraction_steps_in_spike=sum(self.in_spike) / steps if steps else 0.0,
             worst_spike_ratio=max(ratios, default=1.0),
         )
@@ -263,85 +279,115 @@ def detect_divergence(losses: Sequence[float], config: Optional[DetectorConfig] 
     return record
 
 
-class BatchLossReader:
-    """Recovers each training batch's loss from the logs Keras passes to `on_train_batch_end`.
+BATCH_LOSS_KEY = "batch_loss"
+"""The logs key under which the batch-loss probe reports each batch's own loss."""
 
-    With the built-in `train_step`, both Keras 2 (tf_keras) and Keras 3 log `loss` as the *mean over the epoch so
-    far* (weighted by batch size), not the batch's loss. The batch's loss is then recovered from two consecutive
-    means: loss_k = (n_k * mean_k - n_j * mean_j) / (n_k - n_j), with n the number of batches. This is exact up to
-    float32 rounding of the running sum (relative error ~ n * 6e-8, 6e-4 after 10,000 batches in an epoch). For a
-    smaller last batch of an epoch it returns a value between the epoch mean and the batch's loss, so it can miss
-    a spike there but cannot invent one. Models that report their per-batch loss instead -- TFRS models
-    (`tfrs.models.Model.train_step` returns the batch's loss) or any custom `train_step` returning it -- are read
-    directly and exactly.
+_PROBE_MARKER = "_tfrs_clippy_batch_loss_probe"
+
+
+def _install_batch_loss_probe(model: Any) -> bool:
+    """Makes Keras's built-in `train_step` of `model` also return its batch's own loss as `logs["batch_loss"]`.
+
+    Patches, on this model instance only, `compute_loss` (the public override point both runtimes' `train_step`
+    computes the loss through) to keep the loss tensor it returns, and `train_step` to add that tensor to the logs,
+    then rebuilds the train function (both runtimes build it before `on_train_begin`, from `model.train_step`).
+    Under a distribution strategy `compute_loss` returns the replica's loss divided by the number of replicas (Keras
+    unscales it for its loss tracker), so the sum over replicas is the batch's loss. Returns False, doing nothing,
+    if the probe is already installed (another monitor in the same `fit`).
+    """
+    if getattr(model.train_step, _PROBE_MARKER, False):
+        return False
+    # Replicas of a MirroredStrategy trace their steps in parallel threads: each keeps its own loss.
+    traced = threading.local()
+    compute_loss, train_step = model.compute_loss, model.train_step
+
+    @functools.wraps(compute_loss)
+    def compute_loss_keeping_the_loss(*args: Any, **kwargs: Any) -> Any:
+        traced.loss = compute_loss(*args, **kwargs)
+        return traced.loss
+
+    @functools.wraps(train_step)
+    def train_step_reporting_the_batch_loss(data: Any) -> Dict[str, Any]:
+        traced.loss = None
+        logs = dict(train_step(data))  # Keras's own train_step: it computes its loss through `compute_loss`.
+        logs[BATCH_LOSS_KEY] = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, traced.loss)
+        return logs
+
+    setattr(train_step_reporting_the_batch_loss, _PROBE_MARKER, True)
+    model.compute_loss = compute_loss_keeping_the_loss
+    model.train_step = train_step_reporting_the_batch_loss
+    model.make_train_function(force=True)
+    return True
+
+
+def _remove_batch_loss_probe(model: Any) -> None:
+    """Undoes `_install_batch_loss_probe`; the next `fit` builds a train function from the class's `train_step`."""
+    del model.train_step
+    del model.compute_loss
+    model.train_function = None
+
+
+class BatchLossReader:
+    """Reads each training batch's own loss from the logs Keras passes to `on_train_batch_end`.
+
+    With Keras's built-in `train_step`, both runtimes log `loss` as the *mean over the epoch so far*, not the
+    batch's loss, and that float32 mean cannot be undone: once a loss of 1e8 is in its running sum, the later
+    batches' losses are below its rounding error. So for such models `start_training` installs a probe on the
+    model instance (`compute_loss` and `train_step` wrapped, the train function rebuilt) that reports the loss
+    `train_step` computed for the batch as `logs["batch_loss"]`, and `stop_training` removes it. The logged `loss`
+    and every metric stay what Keras makes them. With `steps_per_execution` > 1 a read gives the loss of the
+    execution's last batch.
+
+    Models that override `train_step` -- TFRS models (`tfrs.models.Model.train_step` returns the batch's loss as
+    `loss`) or any custom step -- are read from `logs[loss_key]` as is: the step must report the batch's own loss
+    there, not a running mean.
 
     Args:
-        loss_key: The logs key holding the loss.
-        loss_is_running_mean: Whether `logs[loss_key]` is Keras's running mean. None (default) decides from the
-            model: True if it uses Keras's own `train_step`, False if it overrides it (as TFRS models do). Pass it
-            explicitly for a custom `train_step` that returns a `Mean` tracker's result.
+        loss_key: The logs key holding the batch's loss for a model that overrides `train_step`.
     """
 
-    def __init__(self, loss_key: str = "loss", loss_is_running_mean: Optional[bool] = None) -> None:
+    def __init__(self, loss_key: str = "loss") -> None:
         if not isinstance(loss_key, str) or not loss_key:
             raise ValueError(f"`loss_key` must be a non-empty string, got {loss_key!r}.")
-        if loss_is_running_mean not in (None, True, False):
-            raise ValueError(f"`loss_is_running_mean` must be None, True or False, got {loss_is_running_mean!r}.")
         self.loss_key = loss_key
-        self.loss_is_running_mean = loss_is_running_mean
-        self._running = False
-        self._first_batch_of_mean = 0  # Keras's batch index at which the running mean last restarted.
-        self._previous_batches = 0  # Batches in the running mean at the previous read.
-        self._previous_mean = 0.0
+        self.probes_train_step = False
+        """Whether the last `start_training` found Keras's own `train_step`, read through the probe."""
+        self._installed_on: Any = None  # The model this reader installed the probe on, until `stop_training`.
 
     def start_training(self, model: Any) -> None:
-        """Resolves the logging mode for `model`."""
-        if self.loss_is_running_mean is None:
-            self._running = type(model).train_step is keras.Model.train_step
-        else:
-            self._running = self.loss_is_running_mean
+        """Installs the batch-loss probe if `model` uses Keras's own `train_step`; chooses the key to read."""
+        self.probes_train_step = type(model).train_step is keras.Model.train_step
+        if self.probes_train_step and _install_batch_loss_probe(model):
+            self._installed_on = model
 
-    @property
-    def reads_running_mean(self) -> bool:
-        """Whether `read` recovers batch losses from a running mean (resolved by `start_training`)."""
-        return self._running
+    def stop_training(self) -> None:
+        """Removes the probe `start_training` installed, if any."""
+        if self._installed_on is not None:
+            _remove_batch_loss_probe(self._installed_on)
+            self._installed_on = None
 
-    def restart_mean(self, next_batch: int) -> None:
-        """The running mean restarts at batch `next_batch` (Keras does so every epoch, `reset_metrics` too)."""
-        self._first_batch_of_mean, self._previous_batches, self._previous_mean = next_batch, 0, 0.0
-
-    def read(self, batch: int, logs: Optional[Dict[str, Any]]) -> float:
-        """Returns the loss of the batch(es) since the previous call; `batch` is Keras's index within the epoch."""
-        if not logs or self.loss_key not in logs:
-            raise ValueError(
-                f"`loss_key` {self.loss_key!r} is not in the training logs (keys: {sorted(logs or {})})."
-            )
-        value = float(logs[self.loss_key])
-        if not self._running:
-            return value
-        batches = batch + 1 - self._first_batch_of_mean  # steps_per_execution > 1 ends several batches per call.
-        new_batches = batches - self._previous_batches
-        if new_batches <= 0:
-            raise ValueError(f"`batch` must increase within an epoch, got {batch} after a read of a later batch.")
-        loss = (batches * value - self._previous_batches * self._previous_mean) / new_batches
-        self._previous_batches, self._previous_mean = batches, value
-        return loss
+    def read(self, logs: Optional[Dict[str, Any]]) -> float:
+        """Returns the loss of the batch whose `on_train_batch_end` received `logs`."""
+        key = BATCH_LOSS_KEY if self.probes_train_step else self.loss_key
+        if not logs or key not in logs:
+            raise ValueError(f"The batch loss {key!r} is not in the training logs (keys: {sorted(logs or {})}).")
+        return float(logs[key])
 
 
-class DivergenceMonitor(keras.callbacks.Callback):
+class DivergenceMonitor(_callback.PeriodicCallback):
     """Watches the loss of every training step for micro and full divergence (see the module docstring).
 
-    Adds to the batch and epoch logs (hence History and a later TensorBoard callback) `micro_divergences` and
-    `full_divergences` (counts since training began) and, each epoch, `instability_events_per_1000_steps` and
-    `worst_spike_ratio`. With `log_dir` it also writes per-step `batch_loss`, `loss_baseline` and the counts as
-    TensorBoard scalars. `record` holds every step's loss and verdict and `events` the events with their steps; at
-    the end of training a spike still open is closed as a full divergence.
+    Reads each batch's own loss through `BatchLossReader`. Adds to the batch and epoch logs (hence History and a
+    later TensorBoard callback) `micro_divergences`, `full_divergences` and `rescued_divergences` (counts since
+    training began) and, each epoch, `instability_events_per_1000_steps` and `worst_spike_ratio`. With `log_dir` it
+    also writes per-step `batch_loss`, `loss_baseline` and the counts as TensorBoard scalars. `record` holds every
+    step's loss and verdict and `events` the events with their steps; at the end of training a spike still open
+    is closed as a full divergence.
 
     Args:
         config: Detection thresholds; defaults are `DetectorConfig()`'s.
         stop_on_full_divergence: Set `model.stop_training` when a full divergence is detected.
-        loss_key: The logs key of the loss.
-        loss_is_running_mean: How to read `logs[loss_key]`; see `BatchLossReader`.
+        loss_key: The logs key of the batch loss of a model with its own `train_step`; see `BatchLossReader`.
         log_dir: If set, a directory to write per-step TensorBoard scalars to.
     """
 
@@ -350,18 +396,14 @@ class DivergenceMonitor(keras.callbacks.Callback):
         config: Optional[DetectorConfig] = None,
         stop_on_full_divergence: bool = False,
         loss_key: str = "loss",
-        loss_is_running_mean: Optional[bool] = None,
         log_dir: Optional[str] = None,
     ) -> None:
-        super().__init__()
+        super().__init__(every_n_steps=1, log_dir=log_dir)
         self.config = config or DetectorConfig()
         self.stop_on_full_divergence = bool(stop_on_full_divergence)
-        self.reader = BatchLossReader(loss_key, loss_is_running_mean)
-        self.log_dir = log_dir
+        self.reader = BatchLossReader(loss_key)
         self.detector = SpikeDetector(self.config)
         self.record = DivergenceRecord()
-        self.global_step = 0
-        self._writer: Optional[tf.summary.SummaryWriter] = None
 
     @property
     def events(self) -> List[DivergenceEvent]:
@@ -369,61 +411,58 @@ class DivergenceMonitor(keras.callbacks.Callback):
         return self.record.events
 
     def on_train_begin(self, logs: Optional[Dict[str, Any]] = None) -> None:
+        super().on_train_begin(logs)
         self.reader.start_training(self.model)
-        if self.log_dir is not None and self._writer is None:
-            self._writer = tf.summary.create_file_writer(self.log_dir)
 
-    def on_epoch_begin(self, epoch: int, logs: Optional[Dict[str, Any]] = None) -> None:
-        self.reader.restart_mean(next_batch=0)
+    def on_step(self, step: int, logs: Dict[str, Any]) -> None:
+        update = self._observe(step, self.reader.read(logs))
+        self._report(step, update, logs)
 
-    def on_train_batch_end(self, batch: int, logs: Optional[Dict[str, Any]] = None) -> None:
-        self._observe(self.reader.read(batch, logs), logs)
-
-    def _observe(self, loss: float, logs: Dict[str, Any]) -> DetectorUpdate:
-        """Feeds the detector the loss of the next step, logs the counts, stops training if asked; returns the verdict."""
-        update = self.detector.update(self.global_step, loss)
-        self.record.add(self.global_step, loss, update)
-        micro, full = self.record.count(MICRO), self.record.count(FULL)
-        logs["micro_divergences"], logs["full_divergences"] = micro, full
-        if self._writer is not None:
-            with self._writer.as_default():
-                _summary.write_scalar("batch_loss", loss, self.global_step)
-                _summary.write_scalar("loss_baseline", update.baseline, self.global_step)
-                _summary.write_scalar("micro_divergences", micro, self.global_step)
-                _summary.write_scalar("full_divergences", full, self.global_step)
-        self.global_step += 1
-        if update.event is not None and update.event.kind == FULL and self.stop_on_full_divergence:
-            self.model.stop_training = True
+    def _observe(self, step: int, loss: float) -> DetectorUpdate:
+        """Feeds the detector the loss of `step`, records and writes it; returns the detector's verdict."""
+        update = self.detector.update(step, loss)
+        self.record.add(step, loss, update)
+        self.write_scalars({"batch_loss": loss, "loss_baseline": update.baseline}, step)
         return update
+
+    def _report(self, step: int, update: DetectorUpdate, logs: Dict[str, Any]) -> None:
+        """Logs the counts once the step is settled; stops training on a full divergence if asked."""
+        counts = {kind + "_divergences": self.record.count(kind) for kind in (MICRO, FULL, RESCUED)}
+        logs.update(counts)
+        self.write_scalars(counts, step)
+        if self.stop_on_full_divergence and update.event is not None and self.events[-1].kind == FULL:
+            self.model.stop_training = True
 
     def on_epoch_end(self, epoch: int, logs: Optional[Dict[str, Any]] = None) -> None:
         if logs is None:
             return
+        # The probe's last batch loss is no epoch statistic: keep it out of History.
+        logs.pop(BATCH_LOSS_KEY, None)
         score = self.record.instability_score()
         logs["micro_divergences"] = score.micro_divergences
         logs["full_divergences"] = score.full_divergences
+        logs["rescued_divergences"] = score.rescued_divergences
         logs["instability_events_per_1000_steps"] = score.events_per_1000_steps
         logs["worst_spike_ratio"] = score.worst_spike_ratio
 
     def on_train_end(self, logs: Optional[Dict[str, Any]] = None) -> None:
+        self.reader.stop_training()
         self.record.finish(self.detector, self.global_step - 1)
-        if self._writer is not None:
-            self._writer.flush()
+        super().on_train_end(logs)
+
+
+_EVENT_COLORS = {MICRO: "orange", FULL: "red", RESCUED: "green"}
 
 
 def plot_divergence(record: DivergenceRecord, path: str, title: str = "Per-step loss and divergence events") -> str:
-    """Plots the per-step loss, its baseline and the events (micro: orange, full: red) to a PNG; returns `path`."""
-    if not record.steps:
-        raise ValueError("`record` has no steps to plot.")
-    pyplot = _plotting.pyplot()
-    figure, axes = pyplot.subplots(figsize=(8, 4))
-    losses = np.asarray(record.losses, dtype=np.float64)
-    axes.plot(record.steps, np.where(np.isfinite(losses), losses, np.nan), linewidth=0.8, label="batch loss")
-    axes.plot(record.steps, record.baselines, linewidth=1.5, label="baseline (median)")
-    for event in record.events:
-        axes.axvspan(event.start_step, event.end_step + 0.5, alpha=0.3, color="orange" if event.kind == MICRO else "red")
-    axes.set_yscale("log")
-    axes.set_xlabel("step")
-    axes.set_title(f"{title}: {record.count(MICRO)} micro, {record.count(FULL)} full")
-    axes.legend()
-    return _plotting.save_png(figure, path)
+    """Plots the per-step loss, its baseline and the events (micro orange, full red, rescued green) to a PNG."""
+
+    def draw(axes: Any) -> None:
+        losses = np.asarray(record.losses, dtype=np.float64)
+        axes.plot(record.steps, np.where(np.isfinite(losses), losses, np.nan), linewidth=0.8, label="batch loss")
+        axes.plot(record.steps, record.baselines, linewidth=1.5, label="baseline (median)")
+        for event in record.events:
+            axes.axvspan(event.start_step, event.end_step + 0.5, alpha=0.3, color=_EVENT_COLORS[event.kind])
+
+    counts = ", ".join(f"{record.count(kind)} {kind}" for kind in (MICRO, FULL, RESCUED))
+    return _plotting.plot_over_steps(record.steps, path, f"{title}: {counts}", draw)

@@ -16,7 +16,6 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
-from tfrs_clippy.stability import _summary
 from tfrs_clippy.stability.monitor import DetectorConfig, DivergenceMonitor
 
 _LOGGER = logging.getLogger(__name__)
@@ -94,9 +93,13 @@ class RollbackOnDivergence(DivergenceMonitor):
     weights or the optimizer state, at the compute cost of the skipped steps. With `steps_per_execution` > 1 the
     callback runs once per execution, so "a batch" here means one execution.
 
-    With Keras's built-in `train_step` the epoch's running-mean metrics are reset after each rollback
-    (`model.reset_metrics()`), since a NaN or huge loss would otherwise hide the per-batch loss for the rest of the
-    epoch; epoch metrics then cover the batches since the last rollback.
+    The model's metrics are reset after each rollback (`model.reset_metrics()`): the undone steps' losses, a NaN
+    or a huge one, would otherwise stay in Keras's epoch running means; epoch metrics then cover the batches since
+    the last rollback.
+
+    A non-finite loss whose step a rollback undid is recorded as a "rescued" event, not a full divergence (the run
+    goes on from a state the NaN never touched), and does not stop training with `stop_on_full_divergence`. A spike
+    that is rolled back stays open until the loss recovers (micro) or not (full), as without rollback.
 
     Everything `DivergenceMonitor` logs is logged too, plus `rollbacks` (the count) in the batch and epoch logs and
     a warning through `logging` per rollback; `rollback_events` holds them all.
@@ -110,9 +113,8 @@ class RollbackOnDivergence(DivergenceMonitor):
             is a number, not a schedule.
         max_rollbacks: After this many rollbacks, the next spike stops training instead.
         directory: If set, keep snapshots as .npz files in this directory instead of in memory.
-        stop_on_full_divergence: As in `DivergenceMonitor`.
+        stop_on_full_divergence: As in `DivergenceMonitor`; rescued events do not stop training.
         loss_key: As in `DivergenceMonitor`.
-        loss_is_running_mean: As in `DivergenceMonitor`.
         log_dir: As in `DivergenceMonitor`; rollbacks are written as the `rollbacks` scalar.
     """
 
@@ -127,10 +129,9 @@ class RollbackOnDivergence(DivergenceMonitor):
         directory: Optional[str] = None,
         stop_on_full_divergence: bool = False,
         loss_key: str = "loss",
-        loss_is_running_mean: Optional[bool] = None,
         log_dir: Optional[str] = None,
     ) -> None:
-        super().__init__(config, stop_on_full_divergence, loss_key, loss_is_running_mean, log_dir)
+        super().__init__(config, stop_on_full_divergence, loss_key, log_dir)
         for name, value, minimum in (
             ("snapshot_every_n_steps", snapshot_every_n_steps, 1),
             ("keep_snapshots", keep_snapshots, 1),
@@ -166,19 +167,18 @@ class RollbackOnDivergence(DivergenceMonitor):
         if self.directory is not None:
             os.makedirs(self.directory, exist_ok=True)
 
-    def on_train_batch_end(self, batch: int, logs: Optional[Dict[str, Any]] = None) -> None:
-        loss = self.reader.read(batch, logs)
-        step = self.global_step
+    def on_step(self, step: int, logs: Dict[str, Any]) -> None:
         if self._batches_left_to_skip > 0:
             self._restore(self._restoring)
             self._batches_left_to_skip -= 1
-            self.global_step += 1
         else:
-            update = self._observe(loss, logs)
+            loss = self.reader.read(logs)
+            update = self._observe(step, loss)
             if update.spike_started:
-                self._roll_back(step, loss, batch)
+                self._roll_back(step, loss, non_finite=not math.isfinite(loss))
             elif not self.detector.in_spike and step % self.snapshot_every_n_steps == 0:
                 self._save(step)
+            self._report(step, update, logs)
         logs["rollbacks"] = self.rollbacks
 
     def on_epoch_end(self, epoch: int, logs: Optional[Dict[str, Any]] = None) -> None:
@@ -216,7 +216,8 @@ class RollbackOnDivergence(DivergenceMonitor):
         if learning_rate is not None:
             learning_rate.assign(learning_rate_value)
 
-    def _roll_back(self, step: int, loss: float, batch: int) -> None:
+    def _roll_back(self, step: int, loss: float, non_finite: bool) -> None:
+        """Restores the newest snapshot from before `step` if there is one and rollbacks are left."""
         if self.rollbacks >= self.max_rollbacks:
             _LOGGER.warning("Step %d: loss %g spiked after %d rollbacks; stopping training.", step, loss, self.rollbacks)
             self.model.stop_training = True
@@ -235,18 +236,16 @@ class RollbackOnDivergence(DivergenceMonitor):
         if learning_rate is not None and self.lr_factor != 1.0:
             learning_rate.assign(learning_rate.numpy() * self.lr_factor)
         self._restoring, self._batches_left_to_skip = snapshot, self.skip_batches
-        if self.reader.reads_running_mean:
-            self.model.reset_metrics()
-            self.reader.restart_mean(next_batch=batch + 1)
+        self.model.reset_metrics()
+        if non_finite:
+            self.record.rescue_last_event()
         event = RollbackEvent(step, loss, snapshot.step, self._current_learning_rate(learning_rate))
         self.rollback_events.append(event)
         _LOGGER.warning(
             "Step %d: loss %g spiked; restored the snapshot of step %d, skipping %d batches, learning rate %g.",
             step, loss, snapshot.step, self.skip_batches, event.learning_rate,
         )
-        if self._writer is not None:
-            with self._writer.as_default():
-                _summary.write_scalar("rollbacks", self.rollbacks, step)
+        self.write_scalars({"rollbacks": self.rollbacks}, step)
 
     @staticmethod
     def _current_learning_rate(learning_rate: Optional[tf.Variable]) -> float:

@@ -1,9 +1,10 @@
 """Sharpness: the largest Hessian eigenvalue of the training loss, plain and Adagrad-preconditioned.
 
 Gradient descent with step eta on a loss whose Hessian has largest eigenvalue lambda_max is stable only if
-eta < 2 / lambda_max (the Clippy paper's explanation of divergence). For Adagrad the step is eta * P^-1 H with
-P = sqrt(G + epsilon) (G the accumulator), so what must stay below 2 / eta is the largest eigenvalue of P^-1 H,
-equal to that of the symmetric P^-1/2 H P^-1/2. Both are estimated by power iteration on Hessian-vector
+eta < 2 / lambda_max (the Clippy paper's explanation of divergence). For Adagrad the step is eta * P^-1 g with
+P the per-coordinate denominator (P = sqrt(G + epsilon), G the accumulator, for the optimizers read here; see
+`adagrad_preconditioner`), so what must stay below 2 / eta is the largest eigenvalue of P^-1 H, equal to that of
+the symmetric P^-1/2 H P^-1/2. Both are estimated by power iteration on Hessian-vector
 products (back-over-back automatic differentiation: two nested `tf.GradientTape`s), never forming H.
 """
 
@@ -17,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfrs_clippy.keras_runtime import keras
-from tfrs_clippy.stability import _plotting, _summary
+from tfrs_clippy.stability import _callback, _plotting
 
 Vectors = List[tf.Tensor]
 """One tensor per variable: a vector in parameter space."""
@@ -154,7 +155,14 @@ def has_adagrad_accumulators(optimizer: Any) -> bool:
 
 
 def adagrad_preconditioner(optimizer: Any, variables: Sequence[Any]) -> Vectors:
-    """P = sqrt(G + epsilon) for each variable: the per-coordinate denominator of an Adagrad step.
+    """P = sqrt(G + epsilon) for each variable, G its accumulator: the denominator of the next Adagrad step.
+
+    That is the denominator of tfrs_clippy's optimizers (ClippyAdagrad and the baselines, read through their
+    `accumulator(variable)` and `epsilon`), of Keras 3's `keras.optimizers.Adagrad` and of tf_keras's
+    `tf_keras.optimizers.Adagrad`. It is not that of TensorFlow's `ApplyAdagradV2` kernel, used by
+    `tf_keras.optimizers.legacy.Adagrad`, which divides by sqrt(G) + epsilon (and whose accumulators this cannot
+    read). P is taken as it is now, i.e. with G including the gradients of the steps so far: the next step also
+    adds its own squared gradient to G before dividing, which only makes its denominator larger.
 
     Raises:
         ValueError: if the optimizer has no (built) Adagrad accumulators.
@@ -185,24 +193,32 @@ class SharpnessRecord:
     stability_threshold: List[float] = dataclasses.field(default_factory=list)
 
 
-class SharpnessMonitor(keras.callbacks.Callback):
+class SharpnessMonitor(_callback.PeriodicCallback):
     """Every `every_n_steps` training steps, the sharpness of the training loss on a fixed batch against 2/eta.
 
     Measures the largest Hessian eigenvalue and, for an Adagrad-type optimizer, the preconditioned sharpness
     (largest eigenvalue of P^-1/2 H P^-1/2, P = sqrt(accumulator + epsilon)): training is locally unstable when
-    the relevant one exceeds `sharpness_threshold` = 2 / learning rate. The loss is evaluated with
-    `training=False` (so dropout does not make the Hessian random) plus the model's regularization losses. Cost per
-    measurement: at most `max_iterations` Hessian-vector products (each about two backward passes) on at most
-    `max_batch_size` examples, for each of the two sharpnesses.
+    the relevant one exceeds `sharpness_threshold` = 2 / learning rate. Cost per measurement: at most
+    `max_iterations` Hessian-vector products (each about two backward passes) on at most `max_batch_size`
+    examples, for each of the two sharpnesses.
+
+    The loss on the batch is `loss_fn(model, batch)` if given, which works for any Keras model (TFRS models, dict
+    outputs, losses computed in the model). Otherwise `batch` is a pair (x, y) and the loss is `loss` (or the
+    model's compiled loss, which must then be a single loss) of y and `model(x, training=False)`, plus the model's
+    regularization losses. Evaluating with `training=False` keeps dropout from making the Hessian random; a
+    `loss_fn` should do the same.
 
     Results go to `record`, to the batch logs of the measured step and the epoch logs (`sharpness`,
     `preconditioned_sharpness`, `sharpness_threshold`, the latest values), and with `log_dir` to TensorBoard.
 
     Args:
-        batch: (x, y), the fixed batch; x and y may be nested structures of tensors (dicts for multi-input).
+        batch: The fixed batch: (x, y) without `loss_fn`, any nested structure of tensors `loss_fn` takes with it;
+            every tensor is cut to its first `max_batch_size` rows.
         every_n_steps: Measure after every this many steps (the first after step 0).
-        loss: A Keras loss (name or callable (y_true, y_pred)) for the batch; None uses the model's compiled loss,
-            which must then be a single loss.
+        loss: A Keras loss (name or callable (y_true, y_pred)) for the batch; None uses the model's compiled loss.
+            Not with `loss_fn`.
+        loss_fn: `loss_fn(model, batch) -> scalar tensor`, the whole training loss on `batch`, computed from the
+            model's variables.
         preconditioned: Also measure the preconditioned sharpness: None when the optimizer has Adagrad
             accumulators, True always (error otherwise), False never.
         max_iterations: Power-iteration budget per measurement.
@@ -217,6 +233,7 @@ class SharpnessMonitor(keras.callbacks.Callback):
         batch: Any,
         every_n_steps: int = 100,
         loss: Any = None,
+        loss_fn: Optional[Callable[[Any, Any], tf.Tensor]] = None,
         preconditioned: Optional[bool] = None,
         max_iterations: int = 20,
         tolerance: float = 1e-3,
@@ -224,42 +241,47 @@ class SharpnessMonitor(keras.callbacks.Callback):
         seed: int = 0,
         log_dir: Optional[str] = None,
     ) -> None:
-        super().__init__()
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise ValueError(f"`batch` must be a pair (x, y), got {type(batch).__name__}.")
-        for name, value in (("every_n_steps", every_n_steps), ("max_batch_size", max_batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
+        super().__init__(every_n_steps, log_dir)
+        if loss_fn is not None and not callable(loss_fn):
+            raise ValueError(f"`loss_fn` must be callable as loss_fn(model, batch), got {loss_fn!r}.")
+        if loss_fn is not None and loss is not None:
+            raise ValueError(f"Pass `loss` or `loss_fn`, not both; got loss={loss!r} and a `loss_fn`.")
+        if loss_fn is None and not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise ValueError(f"`batch` must be a pair (x, y) when no `loss_fn` is given, got {type(batch).__name__}.")
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"`max_batch_size` must be an int >= 1, got {max_batch_size!r}.")
         if preconditioned not in (None, True, False):
             raise ValueError(f"`preconditioned` must be None, True or False, got {preconditioned!r}.")
-        self.x, self.y = tf.nest.map_structure(lambda t: tf.convert_to_tensor(t)[:max_batch_size], tuple(batch))
-        self.every_n_steps = every_n_steps
+        cut = lambda tensor: tf.convert_to_tensor(tensor)[:max_batch_size]  # noqa: E731
+        self.batch = tf.nest.map_structure(cut, tuple(batch) if loss_fn is None else batch)
         self.loss = loss
+        self.loss_fn = loss_fn
         self.preconditioned = preconditioned
         self.max_iterations = max_iterations
         self.tolerance = tolerance
         self.seed = seed
-        self.log_dir = log_dir
         self.record = SharpnessRecord()
-        self._step = 0
         self._loss_object: Optional[Callable[[Any, Any], tf.Tensor]] = None
-        self._writer: Optional[tf.summary.SummaryWriter] = None
 
     def on_train_begin(self, logs: Optional[Dict[str, Any]] = None) -> None:
+        super().on_train_begin(logs)
+        if self.loss_fn is not None:
+            return
         loss = self.loss if self.loss is not None else getattr(self.model, "loss", None)
         if isinstance(loss, str):
             loss = keras.losses.get(loss)
         if not callable(loss):
             raise ValueError(
-                f"`loss` must be given when the model's compiled loss is not a single loss, got model loss {loss!r}."
+                "`loss` or `loss_fn` must be given when the model's compiled loss is not a single loss, got model "
+                f"loss {loss!r}."
             )
         self._loss_object = loss
-        if self.log_dir is not None and self._writer is None:
-            self._writer = tf.summary.create_file_writer(self.log_dir)
 
     def _training_loss(self) -> tf.Tensor:
-        predictions = self.model(self.x, training=False)
-        loss = tf.reduce_mean(self._loss_object(self.y, predictions))
+        if self.loss_fn is not None:
+            return self.loss_fn(self.model, self.batch)
+        x, y = self.batch
+        loss = tf.reduce_mean(self._loss_object(y, self.model(x, training=False)))
         return loss + tf.add_n(self.model.losses) if self.model.losses else loss
 
     def measure(self) -> Dict[str, float]:
@@ -293,21 +315,14 @@ class SharpnessMonitor(keras.callbacks.Callback):
             "sharpness_threshold": 2.0 / learning_rate if learning_rate > 0 else math.inf,
         }
 
-    def on_train_batch_end(self, batch: int, logs: Optional[Dict[str, Any]] = None) -> None:
-        step, self._step = self._step, self._step + 1
-        if step % self.every_n_steps:
-            return
+    def on_step(self, step: int, logs: Dict[str, Any]) -> None:
         values = self.measure()
         self.record.steps.append(step)
         self.record.sharpness.append(values["sharpness"])
         self.record.preconditioned_sharpness.append(values["preconditioned_sharpness"])
         self.record.stability_threshold.append(values["sharpness_threshold"])
-        if logs is not None:
-            logs.update(values)
-        if self._writer is not None:
-            with self._writer.as_default():
-                for name, value in values.items():
-                    _summary.write_scalar(name, value, step)
+        logs.update(values)
+        self.write_scalars(values, step)
 
     def on_epoch_end(self, epoch: int, logs: Optional[Dict[str, Any]] = None) -> None:
         if logs is not None and self.record.steps:
@@ -315,23 +330,16 @@ class SharpnessMonitor(keras.callbacks.Callback):
             logs["preconditioned_sharpness"] = self.record.preconditioned_sharpness[-1]
             logs["sharpness_threshold"] = self.record.stability_threshold[-1]
 
-    def on_train_end(self, logs: Optional[Dict[str, Any]] = None) -> None:
-        if self._writer is not None:
-            self._writer.flush()
-
 
 def plot_sharpness(record: SharpnessRecord, path: str, title: str = "Sharpness against the stability threshold") -> str:
     """Plots sharpness, preconditioned sharpness and 2/eta over steps (log scale) to a PNG at `path`; returns it."""
-    if not record.steps:
-        raise ValueError("`record` has no measurements to plot.")
-    pyplot = _plotting.pyplot()
-    figure, axes = pyplot.subplots(figsize=(7, 4))
-    axes.plot(record.steps, np.abs(record.sharpness), marker="o", label="|lambda_max(H)|")
-    if not np.all(np.isnan(record.preconditioned_sharpness)):
-        axes.plot(record.steps, np.abs(record.preconditioned_sharpness), marker="s", label="|lambda_max(P^-1/2 H P^-1/2)|")
-    axes.plot(record.steps, record.stability_threshold, linestyle="--", color="black", label="2 / learning rate")
-    axes.set_yscale("log")
-    axes.set_xlabel("step")
-    axes.set_title(title)
-    axes.legend()
-    return _plotting.save_png(figure, path)
+
+    def draw(axes: Any) -> None:
+        axes.plot(record.steps, np.abs(record.sharpness), marker="o", label="|lambda_max(H)|")
+        if not np.all(np.isnan(record.preconditioned_sharpness)):
+            axes.plot(
+                record.steps, np.abs(record.preconditioned_sharpness), marker="s", label="|lambda_max(P^-1/2 H P^-1/2)|"
+            )
+        axes.plot(record.steps, record.stability_threshold, linestyle="--", color="black", label="2 / learning rate")
+
+    return _plotting.plot_over_steps(record.steps, path, title, draw, figsize=(7, 4))

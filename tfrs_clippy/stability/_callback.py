@@ -1,0 +1,58 @@
+"""What the stability callbacks share: a training-step counter, acting every N steps, and TensorBoard scalars."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import tensorflow as tf
+
+from tfrs_clippy.keras_runtime import keras
+from tfrs_clippy.stability import _summary
+
+
+class PeriodicCallback(keras.callbacks.Callback):
+    """A Keras callback that acts after every `every_n_steps`-th training step, and may write TensorBoard scalars.
+
+    Steps are counted over all of `fit` from 0 (`global_step` is the number of steps seen); the first action is
+    after step 0. Subclasses implement `on_step`.
+
+    Args:
+        every_n_steps: Call `on_step` after every this many steps.
+        log_dir: If set, a directory `write_scalars` writes TensorBoard scalars to (flushed when training ends).
+    """
+
+    def __init__(self, every_n_steps: int = 1, log_dir: Optional[str] = None) -> None:
+        super().__init__()
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"`every_n_steps` must be an int >= 1, got {every_n_steps!r}.")
+        self.every_n_steps = every_n_steps
+        self.log_dir = log_dir
+        self.global_step = 0
+        self._writer: Optional[tf.summary.SummaryWriter] = None
+
+    def on_train_begin(self, logs: Optional[Dict[str, Any]] = None) -> None:
+        if self.log_dir is not None and self._writer is None:
+            self._writer = tf.summary.create_file_writer(self.log_dir)
+
+    def on_train_batch_end(self, batch: int, logs: Optional[Dict[str, Any]] = None) -> None:
+        step = self.global_step
+        if step % self.every_n_steps == 0:
+            # Keras passes None when no callback asked for logs; subclasses write to them unconditionally.
+            self.on_step(step, logs if logs is not None else {})
+        self.global_step = step + 1
+
+    def on_step(self, step: int, logs: Dict[str, Any]) -> None:
+        """Acts after training step `step`; `logs` are the batch's logs (written to by the subclass)."""
+        raise NotImplementedError
+
+    def write_scalars(self, scalars: Dict[str, float], step: int) -> None:
+        """Writes `scalars` ({tag: value}) at `step` to TensorBoard if `log_dir` was given, else does nothing."""
+        if self._writer is None:
+            return
+        with self._writer.as_default():
+            for tag, value in scalars.items():
+                _summary.write_scalar(tag, value, step)
+
+    def on_train_end(self, logs: Optional[Dict[str, Any]] = None) -> None:
+        if self._writer is not None:
+            self._writer.flush()
