@@ -1,5 +1,7 @@
 """The synthetic stream: Zipf exponent, determinism, streaming slices, drift and argument checks."""
 
+import math
+import re
 import time
 
 import numpy as np
@@ -101,16 +103,28 @@ def test_labels_have_sensible_rates_and_drift_changes_them_over_time():
 
 
 @pytest.mark.parametrize(
-    "arguments",
+    "argument, value, bad",
     [
-        {"num_train": 0},
-        {"vocabulary_sizes": (1,)},
-        {"vocabulary_sizes": (1 << 31,)},
-        {"zipf_exponent": 0.0},
-        {"numeric_dim": 0},
-        {"task_kinds": ("ranking",)},
+        ("num_train", 0, 0),
+        ("num_train", 2.5, 2.5),
+        ("num_test", -1, -1),
+        ("vocabulary_sizes", (), ()),
+        ("vocabulary_sizes", (1_000, 1), 1),
+        ("vocabulary_sizes", (1 << 31,), 1 << 31),
+        ("zipf_exponent", 0.0, 0.0),
+        ("zipf_exponent", math.nan, math.nan),
+        ("numeric_dim", 0, 0),
+        ("task_kinds", (), ()),
+        ("task_kinds", ("binary", "ranking"), "ranking"),
+        ("drift", math.nan, math.nan),
+        ("drift", math.inf, math.inf),
+        ("embedding_dim", 0, 0),
+        ("embedding_dim", 8.0, 8.0),
+        ("seed", 1 << 63, 1 << 63),
+        ("seed", "0", "0"),
     ],
 )
-def test_bad_arguments_raise(arguments):
-    with pytest.raises(ValueError, match="synthetic"):
-        data.synthetic(**arguments)
+def test_bad_arguments_raise_naming_the_argument_and_the_value(argument, value, bad):
+    message = re.escape(f"synthetic: `{argument}` must be ") + ".*" + re.escape(f"got {bad!r}.")
+    with pytest.raises(ValueError, match=message):
+        data.synthetic(**{argument: value})

@@ -133,6 +133,22 @@ class _Teacher:
         return tf.cos(angle)[:, None] * start + tf.sin(angle)[:, None] * end
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    """A finite real number (NaN and Inf would make every label NaN)."""
+    real = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    return real and math.isfinite(value)
+
+
+def _require(valid: bool, argument: str, requirement: str, value: object) -> None:
+    """Raises a ValueError naming the dataset, the argument, what it must be and the value it got, unless `valid`."""
+    if not valid:
+        raise ValueError(f"{NAME}: `{argument}` must be {requirement}, got {value!r}.")
+
+
 def synthetic(
     num_train: int = 1_000_000,
     num_test: int = 100_000,
@@ -160,26 +176,33 @@ def synthetic(
         zipf_exponent: The exponent s of P(id = k) ~ k ** -s (> 0).
         numeric_dim: Width of the numeric feature (>= 1).
         task_kinds: "binary" or "regression" per task.
-        drift: Radians the teacher's task heads rotate per million examples; 0 gives a stationary stream.
-        embedding_dim: The spec's embedding width for every categorical feature (the model's, not the teacher's).
-        seed: Everything is a function of the seed: same seed, same data.
+        drift: Radians the teacher's task heads rotate per million examples (finite; negative turns the other
+            way); 0 gives a stationary stream.
+        embedding_dim: The spec's embedding width for every categorical feature (>= 1; the model's, not the
+            teacher's).
+        seed: An int64; everything is a function of the seed: same seed, same data.
 
     Returns:
         The splits, whose datasets generate examples as they are read.
 
     Raises:
-        ValueError: An argument is out of range.
+        ValueError: An argument of the wrong type or out of range, named with its value.
     """
-    if num_train < 1 or num_test < 0:
-        raise ValueError(f"{NAME}: need num_train >= 1 and num_test >= 0, got {num_train} and {num_test}.")
-    if not vocabulary_sizes or min(vocabulary_sizes) < 2 or max(vocabulary_sizes) >= 1 << 31:
-        raise ValueError(f"{NAME}: every vocabulary size must be in [2, 2**31), got {list(vocabulary_sizes)}.")
-    if not zipf_exponent > 0 or numeric_dim < 1:
-        raise ValueError(f"{NAME}: need zipf_exponent > 0 and numeric_dim >= 1, got {zipf_exponent}, {numeric_dim}.")
+    _require(_is_int(num_train) and num_train >= 1, "num_train", "an int >= 1", num_train)
+    _require(_is_int(num_test) and num_test >= 0, "num_test", "an int >= 0", num_test)
+    _require(len(vocabulary_sizes) >= 1, "vocabulary_sizes", "a non-empty sequence", vocabulary_sizes)
+    for size in vocabulary_sizes:
+        _require(_is_int(size) and 2 <= size < 1 << 31, "vocabulary_sizes", "ints in [2, 2**31)", size)
+    _require(_is_number(zipf_exponent) and zipf_exponent > 0, "zipf_exponent", "a finite number > 0", zipf_exponent)
+    _require(_is_int(numeric_dim) and numeric_dim >= 1, "numeric_dim", "an int >= 1", numeric_dim)
+    _require(len(task_kinds) >= 1, "task_kinds", "a non-empty sequence", task_kinds)
+    for kind in task_kinds:
+        _require(kind in ("binary", "regression"), "task_kinds", "'binary' or 'regression' per task", kind)
+    _require(_is_number(drift), "drift", "a finite number (radians per million examples)", drift)
+    _require(_is_int(embedding_dim) and embedding_dim >= 1, "embedding_dim", "an int >= 1", embedding_dim)
+    _require(_is_int(seed) and -(1 << 63) <= seed < 1 << 63, "seed", "an int64", seed)
     tasks, counts = [], {"binary": 0, "regression": 0}
     for kind in task_kinds:
-        if kind not in counts:
-            raise ValueError(f"{NAME}: task kinds must be 'binary' or 'regression', got {kind!r}.")
         tasks.append(TaskSpec(name=f"{kind}_{counts[kind]}", kind=kind))
         counts[kind] += 1
     spec = DatasetSpec(
