@@ -428,7 +428,7 @@ def _check_resumable(directory: pathlib.Path, args: argparse.Namespace) -> None:
         path.write_text(json.dumps(stream, indent=1), encoding="utf-8")
 
 
-def _input(args: argparse.Namespace, strategy: tf.distribute.Strategy, skip: int) -> Any:
+def training_input(args: argparse.Namespace, strategy: tf.distribute.Strategy, skip: int) -> Any:
     """The global batches after the first `skip`, as `fit` takes them under `strategy`."""
 
     def batches() -> tf.data.Dataset:
@@ -484,7 +484,7 @@ def train(args: argparse.Namespace) -> TrainingRun:
         last_epoch = total_steps // steps_per_epoch if whole_epochs else epoch + 1
         steps = steps_per_epoch if whole_epochs else epoch_end - done
         fitted = model.fit(
-            _input(args, strategy, done), epochs=last_epoch, initial_epoch=epoch,
+            training_input(args, strategy, done), epochs=last_epoch, initial_epoch=epoch,
             steps_per_epoch=steps, callbacks=callbacks, verbose=args.verbose,
         )
         for key, values in fitted.history.items():
