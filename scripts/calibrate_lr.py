@@ -123,7 +123,8 @@ def main(argv: Sequence[str]) -> int:
         "",
         f"- Command: `scripts/calibrate_lr.py {' '.join(argv)}`".rstrip(),
         f"- Presets scaled by {args.scale:g}: {reproduce.preset_widths(args.scale, args.models)}; batch "
-        f"{args.batch_size}; {args.seeds} seed(s); wall time {reproduce.format_duration(time.perf_counter() - started)}",
+        f"{args.batch_size}; {args.seeds} seed(s); "
+        f"wall time {reproduce.format_duration(time.perf_counter() - started)}",
         "",
         sweep_table(records, args.models),
         *(f"- Largest stable rate, {reporting.MODEL_TITLES[m]}: {largest_stable(records, m)}" for m in args.models),

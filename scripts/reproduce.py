@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -33,11 +32,12 @@ import pathlib
 import platform
 import sys
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY))  # `models` lives at the repository root, beside the installed tfrs_clippy
 
+import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import models  # noqa: E402
@@ -79,9 +79,10 @@ class DatasetChoice:
 
 
 DATASETS = {
-    # 1x = 0.08, the largest rate of the factor-2 sweep at which naive Adagrad did not diverge on any preset (the
-    # "edge"); 2x = 0.16 is the "onset", where it diverged on Large+DCN (docs/calibration/movielens_100k.md, from
-    # `scripts/calibrate_lr.py --dataset movielens_100k`, scale 1/16, batch 512, seed 0).
+    # 1x = 0.08, the "onset" of the factor-2 sweep (docs/calibration/movielens_100k.md, from
+    # `scripts/calibrate_lr.py --dataset movielens_100k`, scale 1/16, batch 512, seed 0): the smallest rate at
+    # which naive Adagrad diverged on some preset (Large+DCN; Small and Large stay stable up to 0.32 and 0.16).
+    # As in the paper, 1x is already too large for naive Adagrad on the largest model and 2x more so.
     "movielens_100k": DatasetChoice(movielens_100k, 0.08, "MovieLens-100K, oldest 80% train, newest 20% test"),
     # NOT calibrated: Census-Income and the synthetic stream reuse ML-100K's 1x. Sweep them with
     # `scripts/calibrate_lr.py --dataset <name>` and pass the edge as --base-learning-rate.
@@ -116,7 +117,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--grid", default="middle", help="'middle' (one point per method) or 'paper' (the full grids)")
     parser.add_argument("--scale", type=float, default=1 / 16, help="width multiplier of every preset")
     parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--train-steps", type=int, default=0, help="stop each pass after this many steps; 0: one full pass")
+    parser.add_argument("--train-steps", type=int, default=0,
+                        help="stop each pass after this many steps; 0: one full pass")
     parser.add_argument("--eval-examples", type=int, default=0, help="evaluate on the first N test examples; 0: all")
     parser.add_argument("--rollback-model", default="large_dcn",
                         help="also run naive Adagrad at the highest multiplier with RollbackOnDivergence on this "
@@ -210,8 +212,32 @@ def readable_variable_names(model: models.Ranker) -> dict[str, str]:
     return names
 
 
-def train_and_evaluate(config: dict[str, Any], splits: Splits) -> dict[str, Any]:
-    """Trains and evaluates the run `config` (see `run_config`) and returns its record (see `tfrs_clippy.reporting`)."""
+def held_out(splits: Splits, eval_examples: int) -> tf.data.Dataset:
+    """The test split, or its first `eval_examples` examples when that is not 0."""
+    return splits.test.take(eval_examples) if eval_examples else splits.test
+
+
+def constant_prediction_rmse(splits: Splits, eval_examples: int) -> dict[str, float]:
+    """Per regression task, "<task>_rmse" of always predicting the task's training mean on the held-out data.
+
+    The reference against which `reporting.classify_run` judges a regression task dead.
+    """
+    regression = [task for task in splits.spec.tasks if task.kind == "regression"]
+
+    def label_columns(dataset: tf.data.Dataset) -> dict[str, np.ndarray]:
+        batches = [labels for _, labels in make_pipeline(dataset, EVAL_BATCH_SIZE, prefetch=False)]
+        return {task.name: np.concatenate([batch[task.label_key].numpy() for batch in batches]) for task in regression}
+
+    train, test = label_columns(splits.train), label_columns(held_out(splits, eval_examples))
+    # nanmean: a NaN label means "unlabeled" (the data convention).
+    return {f"{name}_rmse": float(np.sqrt(np.nanmean((test[name] - np.nanmean(train[name])) ** 2))) for name in train}
+
+
+def train_and_evaluate(config: dict[str, Any], splits: Splits, constant_rmse: dict[str, float]) -> dict[str, Any]:
+    """Trains and evaluates the run `config` (see `run_config`) and returns its record (see `tfrs_clippy.reporting`).
+
+    `constant_rmse` is `constant_prediction_rmse(splits, ...)`, the reference for dead regression tasks.
+    """
     started = time.perf_counter()
     keras.backend.clear_session()  # fresh layer names (the plots use them) and no graphs of earlier runs
     keras.utils.set_random_seed(config["seed"])
@@ -232,8 +258,8 @@ def train_and_evaluate(config: dict[str, Any], splits: Splits) -> dict[str, Any]
     if config["train_steps"]:
         train = train.take(config["train_steps"])
     ranker.fit(train, epochs=1, verbose=0, callbacks=callbacks)
-    test = splits.test.take(config["eval_examples"]) if config["eval_examples"] else splits.test
-    evaluation = ranker.evaluate(make_pipeline(test, EVAL_BATCH_SIZE), return_dict=True, verbose=0)
+    test = make_pipeline(held_out(splits, config["eval_examples"]), EVAL_BATCH_SIZE)
+    evaluation = ranker.evaluate(test, return_dict=True, verbose=0)
     tasks = {task.name: task.kind for task in splits.spec.tasks}
     metrics = {name: float(evaluation[name]) for name in reporting.metric_names(tasks)}
     losses = list(monitor.record.losses)
@@ -243,7 +269,8 @@ def train_and_evaluate(config: dict[str, Any], splits: Splits) -> dict[str, Any]
         "tasks": tasks,
         "metrics": metrics,
         "losses": losses,
-        "verdict": reporting.classify_run(losses, metrics).to_dict(),
+        "constant_rmse": constant_rmse,
+        "verdict": reporting.classify_run(losses, metrics, constant_rmse=constant_rmse).to_dict(),
         "nonfinite_steps_skipped": int(optimizer.nonfinite_steps.numpy()),
         "seconds": time.perf_counter() - started,
     }
@@ -283,21 +310,25 @@ def summarize_run(record: dict[str, Any]) -> str:
 
 def run_all(configs: list[dict[str, Any]], splits: Splits, runs_dir: pathlib.Path) -> list[dict[str, Any]]:
     """Runs (or reads back) every config, printing a progress line per run; returns the records in config order."""
-    cached = {reporting.config_key(config) for config in configs if (runs_dir / f"{reporting.config_key(config)}.json").exists()}
-    to_compute = sum(reporting.config_key(config) not in cached for config in configs)
+    # Every config of one command shares dataset and eval_examples, hence the reference.
+    constant_rmse = constant_prediction_rmse(splits, configs[0]["eval_examples"])
+    keys = [reporting.config_key(config) for config in configs]
+    cached = {key for key in keys if (runs_dir / f"{key}.json").exists()}
+    to_compute = sum(key not in cached for key in keys)
     started, computed, records = time.perf_counter(), 0, []
-    for index, config in enumerate(configs, start=1):
-        key = reporting.config_key(config)
+    for index, (config, key) in enumerate(zip(configs, keys), start=1):
         path = runs_dir / f"{key}.json"
         prefix = f"[run {index}/{len(configs)}] {describe(config)}"
         if key in cached:
             record = reporting.read_json(path)
             # The verdict is re-derived, so a change of the divergence rule needs no rerun.
-            record["verdict"] = reporting.classify_run(record["losses"], record["metrics"]).to_dict()
+            record["constant_rmse"] = constant_rmse
+            record["verdict"] = reporting.classify_run(
+                record["losses"], record["metrics"], constant_rmse=constant_rmse).to_dict()
             records.append(record)
             print(f"{prefix} ... cached: {summarize_run(record)}", flush=True)
             continue
-        record = train_and_evaluate(config, splits)
+        record = train_and_evaluate(config, splits, constant_rmse)
         reporting.write_json_atomically(path, record)
         records.append(record)
         computed += 1
@@ -368,7 +399,8 @@ def write_reports(records: list[dict[str, Any]], args: argparse.Namespace, out: 
     if clippy_runs:
         # Figure 6 shows the largest model: prefer Large+DCN, then Large, then Small; the first seed.
         shown = min(clippy_runs, key=lambda r: (-MODELS.index(r["config"]["model"]), r["config"]["seed"]))
-        written.append(pathlib.Path(reporting.plot_run_clipping_factors(shown, str(out / f"clipping_factors_{top:g}x.png"))))
+        path = out / f"clipping_factors_{top:g}x.png"
+        written.append(pathlib.Path(reporting.plot_run_clipping_factors(shown, str(path))))
     return written
 
 
@@ -380,14 +412,15 @@ def main(argv: Sequence[str]) -> int:
         return 2
     args.argv = list(argv)
     if not LEGACY_KERAS:
-        print("reproduce.py: error: TFRS and the rankers need Keras 2; run with TF_USE_LEGACY_KERAS=1.", file=sys.stderr)
+        print("reproduce.py: error: TFRS and the rankers need Keras 2; run with TF_USE_LEGACY_KERAS=1.",
+              file=sys.stderr)
         return 2
     logging.getLogger("tfrs_clippy.stability.rollback").setLevel(logging.ERROR)  # the table reports rollbacks
     started = time.perf_counter()
     out = pathlib.Path(args.out) / args.dataset
     configs = plan_runs(args)
-    print(f"{len(configs)} runs on {args.dataset}; presets scaled by {args.scale:g}: {preset_widths(args.scale, args.models)}",
-          flush=True)
+    print(f"{len(configs)} runs on {args.dataset}; presets scaled by {args.scale:g}: "
+          f"{preset_widths(args.scale, args.models)}", flush=True)
     splits = DATASETS[args.dataset].load()
     records = run_all(configs, splits, out / "runs")
     for path in write_reports(records, args, out, time.perf_counter() - started):

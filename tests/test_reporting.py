@@ -114,6 +114,30 @@ def test_early_blow_up_to_a_dead_model_is_diverged():
     assert verdict.final_to_best_ratio == pytest.approx(1.0)
 
 
+def test_recovered_warmup_blow_up_is_a_micro_divergence():
+    # The detector has no baseline in its first 10 steps; a recovered blow-up there still counts as micro.
+    losses = _healthy()
+    losses[2] = 300.0
+    verdict = reporting.classify_run(losses, GOOD)
+    assert (verdict.diverged, verdict.warmup_blow_up, verdict.micro_divergences, verdict.full_divergences) == (
+        False, True, 1, 0)
+
+
+def test_one_dead_task_after_a_blow_up_is_diverged_but_not_without_one():
+    losses = _healthy()
+    losses[2] = 300.0
+    one_dead = {"like_auc": 0.49995, "love_auc": 0.39, "rating_rmse": 1.09}  # a constant "like" prediction
+    verdict = reporting.classify_run(losses, one_dead)
+    assert (verdict.diverged, verdict.reason, verdict.micro_divergences) == (True, "task_dead_after_blow_up", 0)
+    assert not reporting.classify_run(_healthy(), one_dead).diverged  # no blow-up: a weak model, not a divergence
+    rating_dead = {"like_auc": 0.55, "love_auc": 0.56, "rating_rmse": 3.59}
+    assert not reporting.classify_run(losses, rating_dead).diverged  # no reference RMSE: regression not judged
+    verdict = reporting.classify_run(losses, rating_dead, constant_rmse={"rating_rmse": 1.12})
+    assert (verdict.diverged, verdict.reason) == (True, "task_dead_after_blow_up")
+    healthy_rating = {**rating_dead, "rating_rmse": 1.6}  # 1.6 < 1.5 x 1.12
+    assert not reporting.classify_run(losses, healthy_rating, constant_rmse={"rating_rmse": 1.12}).diverged
+
+
 def test_undertrained_run_at_chance_without_blow_up_is_not_diverged():
     verdict = reporting.classify_run(np.linspace(17.0, 14.0, 150), {"like_auc": 0.51, "love_auc": 0.49})
     assert not verdict.diverged

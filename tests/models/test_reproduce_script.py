@@ -11,7 +11,7 @@ import sys
 import pytest
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "reproduce.py"
-TINY = ["--models", "small", "--methods", "naive,clippy", "--seeds", "1", "--lr-multipliers", "1,2",
+TINY = ["--models", "small", "--methods", "naive,clippy", "--seeds", "1", "--lr-multipliers", "2",
         "--train-steps", "12", "--eval-examples", "1000", "--rollback-model", "small"]
 
 
@@ -20,20 +20,23 @@ def _run(*args: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "TF_USE_LEGACY_KERAS": "1"})
 
 
+@pytest.mark.slow
 def test_tiny_reproduction_writes_every_output_and_resumes(tmp_path):
     first = _run(*TINY, "--out", str(tmp_path))
     assert first.returncode == 0, first.stderr[-3000:]
     progress = [line for line in first.stdout.splitlines() if line.startswith("[run ")]
-    # naive and clippy at 1x and 2x, one seed, then naive 2x with RollbackOnDivergence.
-    assert len(progress) == 5 and all(re.search(r"elapsed \S+, remaining ~\S+\)$", line) for line in progress)
-    assert "small clippy lr=2x (0.16)" in progress[3] and progress[4].endswith(")") and "rollback" in progress[4]
+    # naive and clippy at 2x, one seed, then naive 2x with RollbackOnDivergence.
+    assert len(progress) == 3 and all(re.search(r"elapsed \S+, remaining ~\S+\)$", line) for line in progress)
+    assert "small clippy lr=2x (0.16) seed=0" in progress[1] and "rollback" in progress[2]
     out = tmp_path / "movielens_100k"
     records = json.loads((out / "runs.json").read_text())
-    assert len(records) == 5 and len(list((out / "runs").glob("*.json"))) == 5
+    assert len(records) == 3 and len(list((out / "runs").glob("*.json"))) == 3
     for record in records:
         assert len(record["losses"]) == 12
         assert set(record["metrics"]) == {"like_auc", "love_auc", "rating_rmse"}
         assert 0.0 <= record["metrics"]["like_auc"] <= 1.0
+        # Predicting the training mean rating (about 3.5) on ratings 1..5 is off by about one star.
+        assert 0.8 < record["constant_rmse"]["rating_rmse"] < 1.5
     clippy = [r for r in records if r["config"]["method"] == "clippy"]
     assert all(len(r["clipping_factors"]["steps"]) == 12 for r in clippy)
     assert any(name.startswith("bottom/") for name in clippy[0]["clipping_factors"]["factors"])
@@ -46,7 +49,7 @@ def test_tiny_reproduction_writes_every_output_and_resumes(tmp_path):
     second = _run(*TINY, "--out", str(tmp_path))
     assert second.returncode == 0, second.stderr[-3000:]
     cached = [line for line in second.stdout.splitlines() if line.startswith("[run ")]
-    assert len(cached) == 5 and all("... cached:" in line for line in cached)
+    assert len(cached) == 3 and all("... cached:" in line for line in cached)
     assert json.loads((out / "runs.json").read_text())[0]["metrics"] == records[0]["metrics"]
 
 
