@@ -121,7 +121,7 @@ def main(argv: Sequence[str]) -> int:
     lines = [
         f"# Naive Adagrad learning-rate sweep on {args.dataset}",
         "",
-        f"- Command: `scripts/calibrate_lr.py {' '.join(argv)}`".rstrip(),
+        f"- Command: `{' '.join(['scripts/calibrate_lr.py', *argv])}`",
         f"- Presets scaled by {args.scale:g}: {reproduce.preset_widths(args.scale, args.models)}; batch "
         f"{args.batch_size}; {args.seeds} seed(s); "
         f"wall time {reproduce.format_duration(time.perf_counter() - started)}",

@@ -365,7 +365,7 @@ def write_reports(records: list[dict[str, Any]], args: argparse.Namespace, out: 
     header = [
         f"# Optimizer comparison on {args.dataset}",
         "",
-        f"- Command: `scripts/reproduce.py {' '.join(args.argv)}`".rstrip(),
+        f"- Command: `{' '.join(['scripts/reproduce.py', *args.argv])}`",
         f"- Data: {DATASETS[args.dataset].description}; one pass in time order, batch {args.batch_size}"
         + (f", first {args.train_steps} steps only" if args.train_steps else ""),
         f"- Presets scaled by {args.scale:g} (every preset by the same factor, so the widths keep the paper's "
