@@ -192,8 +192,14 @@ def scaled_adagrad_step(
     return StepResult(update * scale, accumulator_increment, scale, all_finite)
 
 
-class Slots(NamedTuple):
-    """The optimizer state of one model variable."""
+@dataclasses.dataclass(frozen=True)
+class Slots:
+    """The optimizer state of one model variable.
+
+    Deliberately not a tuple: a list of tuples of variables on a Keras optimizer would be tracked for checkpoints
+    by position, which does not line up between a sharded table and the same table unsharded. The adapters track
+    the variables themselves.
+    """
 
     accumulator: tf.Variable  # float32 (float64 for float64 variables), the variable's shape
     clipping_factor: Optional[tf.Variable]  # float32 scalar: min sigma of the last step; None if not exported

@@ -39,12 +39,12 @@ class KerasAdapter(ScaledAdagradMixin, tf_keras.optimizers.Optimizer):
         return accumulator
 
     def _create_scalar_slot(self, variable, name: str, dtype: tf.DType, value: float):
-        # Scalars are made here, not from the reference: under a variable partitioner the base would try to
-        # assemble the scalar slots of a table's shards into one sharded scalar, which cannot exist.
+        # Diagnostics (the last factor, the skip count) are kept out of Keras 2 checkpoints, which store optimizer
+        # variables by position in `_variables`: a sharded table has one scalar per shard but, grouped by the base,
+        # one accumulator, so with the scalars in the list a checkpoint of a sharded table would not restore into
+        # the same table unsharded (ParameterServer -> one device). They do not change the training numbers.
         with tf.distribute.get_strategy().extended.colocate_vars_with(variable):
-            slot = tf.Variable(tf.constant(value, dtype), name=f"{name}/{variable._shared_name}", trainable=False)
-        self._variables.append(slot)
-        return slot
+            return tf.Variable(tf.constant(value, dtype), name=f"{name}/{variable._shared_name}", trainable=False)
 
     def _deduplicate_sparse_grad(self, grads):
         # `core.apply_sparse` sums repeated ids itself, with static shapes. The base's `tf.unique` gives a dynamic
