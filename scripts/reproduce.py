@@ -52,7 +52,7 @@ RECORD_VERSION = 1
 
 FUSE_DENSE_UPDATES = False
 """The optimizers' XLA-fused dense step: at these scaled-down widths on CPU its per-run compile time (2-5 s)
-exceeds what it saves in a 157-step pass, so the runs use the unfused step (same arithmetic)."""
+exceeds what it saves in a 157-step pass, so the runs use the unfused step (same math, up to float rounding)."""
 
 MODELS = ("small", "large", "large_dcn")
 METHODS = ("naive", "gc", "agc", "lamb", "clippy")
