@@ -1,0 +1,293 @@
+"""The multitask training step: PUB, Nash-MTL on gradients, or uncertainty weighting, as one Keras layer.
+
+A model that owns a `MultitaskBalancer` delegates its `train_step` to `MultitaskBalancer.minimize`, giving it the
+K task losses (as a function, run under the balancer's tape), the *shared* trainable variables (those more than one
+task's loss reaches: embeddings, shared experts, ...) and the task-specific ones (towers, gates, ...). Methods:
+
+- "pub" (Yuan, Cai, Dong 2024, arXiv 2410.05806): per shared variable, the update d_i each task's gradient alone
+  would make from the optimizer's state (`updates.UpdateRule`), stacked into D; alpha solves the Nash bargaining
+  problem alpha_i (D D^T alpha)_i = 1 (`solver.nash_weights`); the shared variables move by sum_i alpha_i d_i and
+  the optimizer state advances with sum_i alpha_i g_i.
+- "nash_mtl" (Navon et al. 2022): the same solver on the gradients' Gram matrix G G^T; the shared variables get the
+  optimizer's own step on sum_i alpha_i g_i. One code path with "pub": only the utilities differ (updates vs
+  gradients).
+- "uncertainty" (Kendall, Gal, Cipolla 2018): one trainable log-variance s_i per task and the loss
+  sum_i exp(-s_i) L_i + s_i, for every task kind (Kendall's 1/2 factors for regression dropped, as LibMTL does:
+  the minimizer s_i = log L_i is the same). Every variable gets the optimizer's step on that loss.
+
+For "pub" and "nash_mtl", the task-specific variables get the optimizer's step on the sum of the task losses, and
+alpha is solved every `solve_every` steps (warm-started from the last solution) and held in between, as the authors
+do. alpha's scale is a design decision (`alpha_scaling`):
+
+- "nash": the bargaining solution itself. It goes as 1 / ||d||, so under PUB the move sum_i alpha_i d_i has a norm
+  of order sqrt(K) whatever the learning rate: the learning rate cancels out, and Adagrad's accumulator grows by
+  (alpha g)^2, with alpha of order 1 / (lr ||g||).
+- "normalized" (the default): alpha rescaled to sum to K (over the tasks with a non-zero utility). The bargaining
+  fixes the tasks' relative weights, the optimizer's learning rate keeps its meaning, and equal weights give
+  alpha = 1. The authors' released code ran with alpha = 1 throughout (its solver call failed silently), which is
+  this scale.
+
+`minimize` returns the logs `loss` (the sum of the task losses), `weight_<task>` (alpha_i, or exp(-s_i) for
+"uncertainty") and, for "pub"/"nash_mtl", `cosine_<task>_<task>` between the tasks' updates (resp. gradients),
+every step: `fit` puts them in its logs, History and, with `update_freq=1`, TensorBoard.
+
+Runs in graph mode and under XLA (`jit_compile=True`), in one replica (the per-task gradients of several replicas
+would need their own all-reduce).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Sequence
+
+import tensorflow as tf
+
+from tfrs_clippy.keras_runtime import LEGACY_KERAS, keras
+from tfrs_clippy.multitask import solver, updates
+
+METHODS = ("pub", "nash_mtl", "uncertainty")
+ALPHA_SCALINGS = ("normalized", "nash")
+
+
+@dataclasses.dataclass(frozen=True)
+class BalancingConfig:
+    """The options of a `MultitaskBalancer` (see the module docstring).
+
+    Attributes:
+        method: One of `METHODS`.
+        alpha_scaling: One of `ALPHA_SCALINGS` ("pub", "nash_mtl").
+        solve_every: Solve alpha every this many steps, hold it in between ("pub", "nash_mtl").
+        max_solver_iterations: Most Newton steps per solve (K > 2; K = 2 is closed-form).
+        ridge: The solver's ridge, relative to each task's squared utility norm.
+    """
+
+    method: str = "pub"
+    alpha_scaling: str = "normalized"
+    solve_every: int = 10
+    max_solver_iterations: int = 20
+    ridge: float = 1e-6
+
+    def __post_init__(self) -> None:
+        for field, choices in (("method", METHODS), ("alpha_scaling", ALPHA_SCALINGS)):
+            if getattr(self, field) not in choices:
+                raise ValueError(f"BalancingConfig: `{field}` must be one of {choices}, got {getattr(self, field)!r}.")
+        for field in ("solve_every", "max_solver_iterations"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"BalancingConfig: `{field}` must be an integer >= 1, got {value!r}.")
+        if not (isinstance(self.ridge, (int, float)) and self.ridge >= 0):
+            raise ValueError(f"BalancingConfig: `ridge` must be a number >= 0, got {self.ridge!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_value(cls, value: "BalancingConfig | Mapping[str, Any] | str") -> "BalancingConfig":
+        """A config from itself, a method name ("pub"), or a `to_dict` mapping.
+
+        Raises:
+            ValueError: an unknown key or an invalid value.
+        """
+        if isinstance(value, BalancingConfig):
+            return value
+        if isinstance(value, str):
+            return cls(method=value)
+        if not isinstance(value, Mapping):
+            raise ValueError(f"BalancingConfig: expected a method name or a mapping, got {type(value).__name__}.")
+        fields = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - fields)
+        if unknown:
+            raise ValueError(f"BalancingConfig: unknown options {unknown}; the options are {sorted(fields)}.")
+        return cls(**value)
+
+
+def _sum_gradients(grads: Sequence[updates.Gradient]) -> updates.Gradient:
+    """The sum of some tasks' gradients of one variable (None where no task reaches it); sparse stays sparse."""
+    present = [grad for grad in grads if grad is not None]
+    if not present:
+        return None
+    if all(isinstance(grad, tf.IndexedSlices) for grad in present):
+        return tf.IndexedSlices(
+            tf.concat([grad.values for grad in present], 0),
+            tf.concat([tf.cast(grad.indices, tf.int64) for grad in present], 0),
+            present[0].dense_shape,
+        )
+    return tf.add_n([tf.convert_to_tensor(grad) for grad in present])
+
+
+def _optimizer_built(optimizer: Any) -> bool:
+    return bool(getattr(optimizer, "_built", False) if LEGACY_KERAS else optimizer.built)
+
+
+@keras.utils.register_keras_serializable(package="tfrs_clippy")
+class MultitaskBalancer(keras.layers.Layer):
+    """The multitask train step of the module docstring; holds alpha (or the log-variances) as its weights."""
+
+    def __init__(
+        self,
+        task_names: Sequence[str],
+        balancing: BalancingConfig | Mapping[str, Any] | str = "pub",
+        **kwargs,
+    ) -> None:
+        """Creates the balancer's weights.
+
+        Args:
+            task_names: The K >= 2 tasks, in the order of the losses `minimize` will get.
+            balancing: A `BalancingConfig`, a method name, or a `BalancingConfig.to_dict` mapping.
+            **kwargs: Passed to the Keras layer.
+
+        Raises:
+            ValueError: fewer than two tasks, repeated names, or an invalid option.
+        """
+        super().__init__(**kwargs)
+        self.task_names = list(task_names)
+        if len(self.task_names) < 2:
+            raise ValueError(
+                f"MultitaskBalancer: `task_names` must name at least 2 tasks to balance, got {self.task_names}."
+            )
+        if len(set(self.task_names)) != len(self.task_names):
+            raise ValueError(f"MultitaskBalancer: `task_names` has repeated names: {self.task_names}.")
+        self.balancing = BalancingConfig.from_value(balancing)
+        num_tasks = len(self.task_names)
+        if self.balancing.method == "uncertainty":
+            self.log_variances = self.add_weight(
+                name="log_variances", shape=(num_tasks,), initializer="zeros", trainable=True
+            )
+        else:
+            # The last bargaining solution in the Nash scale, held between solves and warm-starting the next.
+            self.solved_weights = self.add_weight(
+                name="solved_weights", shape=(num_tasks,), initializer="ones", trainable=False
+            )
+        self.built = True
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_names)
+
+    def minimize(
+        self,
+        optimizer: Any,
+        compute_task_losses: Callable[[], Sequence[tf.Tensor]],
+        shared_variables: Sequence[Any],
+        specific_variables: Sequence[Any],
+    ) -> dict[str, tf.Tensor]:
+        """Runs one training step.
+
+        Args:
+            optimizer: The model's optimizer. "pub" needs Keras's Adam or an optimizer of
+                `tfrs_clippy.optimizers`; the other methods take any.
+            compute_task_losses: Runs the forward pass and returns the K scalar task losses, in `task_names` order
+                (each already multiplied by its task weight, if any).
+            shared_variables: The trainable variables more than one task reaches.
+            specific_variables: The other trainable variables. The balancer's own log-variances are added.
+
+        Returns:
+            The logs of the module docstring.
+
+        Raises:
+            ValueError: more than one replica, a wrong number of losses, a task with no gradient path to the shared
+                variables, or an optimizer "pub" cannot use.
+        """
+        if tf.distribute.get_strategy().num_replicas_in_sync > 1:
+            raise ValueError("MultitaskBalancer: runs in one replica; the strategy has several.")
+        if not shared_variables:
+            raise ValueError("MultitaskBalancer: `shared_variables` is empty; there is nothing to balance.")
+        own_ids = {id(variable) for variable in specific_variables}
+        specific_variables = list(specific_variables) + [
+            variable for variable in self.trainable_variables if id(variable) not in own_ids
+        ]
+        variables = list(shared_variables) + specific_variables
+        rule = updates.update_rule_for(optimizer) if self.balancing.method == "pub" else None
+        if not _optimizer_built(optimizer):
+            with tf.init_scope():
+                optimizer.build(variables)
+        with tf.GradientTape(persistent=self.balancing.method != "uncertainty") as tape:
+            task_losses = list(compute_task_losses())
+            if len(task_losses) != self.num_tasks:
+                raise ValueError(
+                    f"MultitaskBalancer: `compute_task_losses` returned {len(task_losses)} losses for the "
+                    f"{self.num_tasks} tasks {self.task_names}."
+                )
+            loss = tf.add_n(task_losses)
+            if self.balancing.method == "uncertainty":
+                precisions = tf.exp(-tf.convert_to_tensor(self.log_variances))
+                uncertainty_loss = tf.reduce_sum(precisions * tf.stack(task_losses) + self.log_variances)
+        if self.balancing.method == "uncertainty":
+            optimizer.apply_gradients(zip(tape.gradient(uncertainty_loss, variables), variables))
+            return {"loss": loss, **self._weight_logs(precisions)}
+
+        # One backward pass per task, through every variable: the task-specific gradient is then their sum.
+        per_task = [tape.gradient(task_loss, variables) for task_loss in task_losses]
+        del tape
+        num_shared = len(shared_variables)
+        for task, grads in zip(self.task_names, per_task):
+            if all(grad is None for grad in grads[:num_shared]):
+                raise ValueError(
+                    f"MultitaskBalancer: task {task!r} has no gradient path to the shared variables; every task must "
+                    "reach at least one (or it is not a shared-parameter multitask model)."
+                )
+        stacked = [
+            updates.stack_task_gradients([grads[index] for grads in per_task], variable)
+            for index, variable in enumerate(shared_variables)
+        ]
+        utilities = (
+            [rule.candidates(variable, grads) for variable, grads in zip(shared_variables, stacked)]
+            if rule is not None
+            else [grads.values for grads in stacked]
+        )
+        gram = tf.add_n([tf.matmul(flat, flat, transpose_b=True)
+                         for flat in (tf.reshape(u, [self.num_tasks, -1]) for u in utilities)])
+        weights = self._weights(gram, optimizer.iterations)
+
+        specific_grads = [
+            _sum_gradients([grads[num_shared + index] for grads in per_task]) for index in range(len(specific_variables))
+        ]
+        if rule is not None:
+            for variable, grads, candidates in zip(shared_variables, stacked, utilities):
+                rule.commit(variable, grads, tf.tensordot(weights, candidates, axes=1), grads.combine(weights))
+            shared_grads = [None] * num_shared  # moved already
+        else:
+            shared_grads = [
+                tf.IndexedSlices(grads.combine(weights), grads.rows, tf.shape(variable, out_type=tf.int64))
+                if grads.sparse
+                else grads.combine(weights)
+                for variable, grads in zip(shared_variables, stacked)
+            ]
+        if any(grad is not None for grad in specific_grads + shared_grads):
+            # Always the full variable list, in one order: the Keras 2 optimizers of tfrs_clippy re-index their
+            # slots by the list each `apply_gradients` gets. Keras skips the None gradients.
+            optimizer.apply_gradients(zip(shared_grads + specific_grads, variables))
+        else:
+            optimizer.iterations.assign_add(1)
+        return {"loss": loss, **self._weight_logs(weights), **self._cosine_logs(gram)}
+
+    def _weights(self, gram: tf.Tensor, iterations: tf.Tensor) -> tf.Tensor:
+        """alpha for this step: solved every `solve_every` steps from the warm start, else the held solution."""
+        held = tf.convert_to_tensor(self.solved_weights)
+        solved = tf.cond(
+            tf.equal(tf.math.floormod(tf.cast(iterations, tf.int64), self.balancing.solve_every), 0),
+            lambda: solver.nash_weights(
+                gram, held, max_iterations=self.balancing.max_solver_iterations, ridge=self.balancing.ridge
+            ),
+            lambda: held,
+        )
+        self.solved_weights.assign(solved)
+        if self.balancing.alpha_scaling == "nash":
+            return solved
+        num_active = tf.reduce_sum(tf.cast(solved > 0.0, tf.float32))
+        return tf.math.divide_no_nan(num_active * solved, tf.reduce_sum(solved))
+
+    def _weight_logs(self, weights: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {f"weight_{task}": weights[index] for index, task in enumerate(self.task_names)}
+
+    def _cosine_logs(self, gram: tf.Tensor) -> dict[str, tf.Tensor]:
+        cosines = solver.cosines(gram)
+        return {
+            f"cosine_{first}_{second}": cosines[i, j]
+            for i, first in enumerate(self.task_names)
+            for j, second in enumerate(self.task_names)
+            if i < j
+        }
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "task_names": list(self.task_names), "balancing": self.balancing.to_dict()}
