@@ -23,6 +23,7 @@ from typing import Any, Mapping
 import yaml
 
 from tfrs_clippy.keras_runtime import keras
+from tfrs_clippy.multitask import BalancingConfig
 
 BOTTOMS = ("shared_bottom", "mmoe", "ple")
 CROSS_PLACEMENTS = ("stacked", "parallel")
@@ -64,6 +65,9 @@ class RankerConfig:
         multi_hot_combiner: How a multi-hot feature's embeddings are pooled: "mean" or "sum" over non-padding ids.
         task_weights: Loss weight per task name; tasks not named keep their `TaskSpec.weight`.
         scale: Multiplier of every hidden width (see the module docstring); widths round to the nearest integer.
+        multitask_balancing: None to train on the sum of the task losses; else how `fit` balances the tasks, as a
+            `tfrs_clippy.multitask.BalancingConfig`, a method name ("pub", "nash_mtl", "uncertainty") or its
+            `to_dict` mapping (see `tfrs_clippy.multitask.balancing`).
     """
 
     bottom: str = "shared_bottom"
@@ -80,12 +84,19 @@ class RankerConfig:
     multi_hot_combiner: str = "mean"
     task_weights: Mapping[str, float] = dataclasses.field(default_factory=dict)
     scale: float = 1.0
+    multitask_balancing: BalancingConfig | None = None
 
     def __post_init__(self) -> None:
         # Lists from YAML/JSON become tuples so that configs compare equal whatever they were loaded from.
         object.__setattr__(self, "bottom_units", tuple(self.bottom_units))
         object.__setattr__(self, "tower_units", tuple(self.tower_units))
         object.__setattr__(self, "task_weights", dict(self.task_weights))
+        if self.multitask_balancing is not None:
+            try:
+                balancing = BalancingConfig.from_value(self.multitask_balancing)
+            except ValueError as error:
+                raise ValueError(f"RankerConfig: invalid `multitask_balancing`: {error}") from None
+            object.__setattr__(self, "multitask_balancing", balancing)
         _check_choice("bottom", self.bottom, BOTTOMS)
         _check_choice("cross_placement", self.cross_placement, CROSS_PLACEMENTS)
         _check_choice("multi_hot_combiner", self.multi_hot_combiner, MULTI_HOT_COMBINERS)

@@ -15,6 +15,12 @@ in sync because the gradients of the replicas are summed (as `tfrs.experimental.
 `fit` logs, per task: `<task>_loss` (the task's loss averaged over its labeled examples), `<task>_auc` (binary)
 or `<task>_rmse` (regression); and for MMoE/PLE `gate_<task>_<expert>`, the mean weight the task's gate gives
 the expert (for PLE, that of the last level: the mixture its tower reads).
+
+With `RankerConfig.multitask_balancing` set, `train_step` delegates to a `tfrs_clippy.multitask.MultitaskBalancer`
+(PUB, Nash-MTL or uncertainty weighting), which also logs `weight_<task>` and `cosine_<task>_<task>`. Its shared
+variables (`shared_trainable_variables`) are those every task's loss reaches: the embedding tables, the cross
+network, and the bottom's shared part (the shared-bottom MLP; MMoE's experts; PLE's shared experts and the shared
+gates between levels). Task towers, task gates and PLE's task-specific experts are task-specific.
 """
 
 from __future__ import annotations
@@ -25,11 +31,12 @@ from typing import Any, Mapping
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
-from models.bottoms import CrossNetwork, dense_layers, make_bottom
+from models.bottoms import CrossNetwork, MixtureOfExperts, SharedBottom, dense_layers, make_bottom
 from models.config import RankerConfig
 from models.embedding import FeatureEmbedding, feature_signature, placeholder_features
 from tfrs_clippy.data.spec import DatasetSpec, TaskSpec
 from tfrs_clippy.keras_runtime import keras
+from tfrs_clippy.multitask import MultitaskBalancer
 
 Labels = Mapping[str, tf.Tensor]
 SampleWeight = tf.Tensor | Mapping[str, tf.Tensor] | None
@@ -91,6 +98,11 @@ class Ranker(tfrs.models.Model):
             task: [keras.metrics.Mean(name=f"gate_{task}_{expert}") for expert in experts]
             for task, experts in self.bottom.gate_expert_names.items()
         }
+        self.balancer = (
+            MultitaskBalancer(task_names, config.multitask_balancing, name="balancer")
+            if config.multitask_balancing is not None
+            else None
+        )
 
     def task_weight(self, task: TaskSpec) -> float:
         """The weight of `task`'s loss: `config.task_weights[task.name]` if given, else `task.weight`."""
@@ -127,6 +139,15 @@ class Ranker(tfrs.models.Model):
         Raises:
             ValueError: `inputs` is not (features, labels[, sample_weight]), or a task's label is missing.
         """
+        total_loss = tf.add_n(list(self.task_losses(inputs, training=training).values()))
+        return total_loss / tf.distribute.get_strategy().num_replicas_in_sync
+
+    def task_losses(self, inputs: tuple, training: bool = False) -> dict[str, tf.Tensor]:
+        """Per task, in spec order, task_weight * the task's loss; updates every metric.
+
+        Raises:
+            ValueError: `inputs` is not (features, labels[, sample_weight]), or a task's label is missing.
+        """
         if not isinstance(inputs, (tuple, list)) or len(inputs) not in (2, 3):
             raise ValueError(
                 "Ranker.compute_loss: inputs must be (features, labels) or (features, labels, sample_weight), "
@@ -135,7 +156,7 @@ class Ranker(tfrs.models.Model):
         features, labels = inputs[0], inputs[1]
         sample_weight = inputs[2] if len(inputs) == 3 else None
         outputs, gates = self.logits_and_gates(features, training=training)
-        total_loss = tf.constant(0.0)
+        task_losses = {}
         for task in self.dataset_spec.tasks:
             label, weight, num_labeled = self._label_and_weight(task, labels, sample_weight)
             # Reduction NONE: the task returns weight_i * loss_i per example; we reduce it ourselves.
@@ -145,11 +166,23 @@ class Ranker(tfrs.models.Model):
             task_loss = tf.math.divide_no_nan(tf.reduce_sum(weighted_losses), num_labeled)
             # Weighting each batch's mean by its labeled count makes the logged value the mean over labeled examples.
             self.task_loss_metrics[task.name].update_state(task_loss, sample_weight=num_labeled)
-            total_loss += self.task_weight(task) * task_loss
+            task_losses[task.name] = self.task_weight(task) * task_loss
         for task, weights in gates.items():
             for expert, metric in enumerate(self.gate_metrics[task]):
                 metric.update_state(weights[:, expert])
-        return total_loss / tf.distribute.get_strategy().num_replicas_in_sync
+        return task_losses
+
+    def train_step(self, inputs: tuple) -> dict[str, tf.Tensor]:
+        """TFRS's step on the summed loss; with `multitask_balancing`, the balancer's step (module docstring)."""
+        if self.balancer is None:
+            return super().train_step(inputs)
+        logs = self.balancer.minimize(
+            self.optimizer,
+            lambda: list(self.task_losses(inputs, training=True).values()),
+            shared_variables=self.shared_trainable_variables,
+            specific_variables=self.task_specific_trainable_variables,
+        )
+        return {**{metric.name: metric.result() for metric in self.metrics}, **logs}
 
     def _label_and_weight(
         self, task: TaskSpec, labels: Labels, sample_weight: SampleWeight
@@ -184,6 +217,25 @@ class Ranker(tfrs.models.Model):
         """Every trainable variable that is not an embedding table."""
         embedding_ids = {id(variable) for variable in self.embedding.trainable_variables}
         return [variable for variable in self.trainable_variables if id(variable) not in embedding_ids]
+
+    @property
+    def shared_trainable_variables(self) -> list[tf.Variable]:
+        """The variables every task's loss reaches (module docstring): what multitask balancing balances."""
+        shared_layers = [self.embedding]
+        if self.cross_network is not None:
+            shared_layers.append(self.cross_network)
+        if isinstance(self.bottom, SharedBottom):
+            shared_layers.append(self.bottom.mlp)
+        elif isinstance(self.bottom, MixtureOfExperts):
+            shared_layers += [expert for level in self.bottom.shared_experts for expert in level]
+            shared_layers += self.bottom.shared_gates
+        return [variable for layer in shared_layers for variable in layer.trainable_variables]
+
+    @property
+    def task_specific_trainable_variables(self) -> list[tf.Variable]:
+        """Every trainable variable not in `shared_trainable_variables`."""
+        shared_ids = {id(variable) for variable in self.shared_trainable_variables}
+        return [variable for variable in self.trainable_variables if id(variable) not in shared_ids]
 
     def parameter_counts(self) -> ParameterCounts:
         """Trainable parameters in the embedding tables and elsewhere (the model must be built)."""
