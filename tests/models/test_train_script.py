@@ -7,6 +7,7 @@ checkpoints are then restored here, under the default strategy.
 
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -119,7 +120,8 @@ def test_run_writes_checkpoints_and_tensorboard_logs(uninterrupted):
         for event in tf.compat.v1.train.summary_iterator(str(path)):
             tags.update(value.tag for value in event.summary.value)
     assert {"batch/loss", "epoch/loss", "clipping_factor/min"} <= tags
-    assert any(tag.startswith("clipping_factor/ranker/embedding") for tag in tags)
+    # Keras numbers the ranker ("ranker_3") when other tests in the process built one first.
+    assert any(re.match(r"clipping_factor/ranker(_\d+)?/embedding/", tag) for tag in tags), sorted(tags)
     assert np.all(np.isfinite(run.history["loss"])) and len(run.history["loss"]) == 2
 
 
