@@ -15,6 +15,7 @@ setuptools.setup(
         "tf-keras==2.21.*",
         "tensorflow-recommenders==0.7.7",
         "keras>=3.10",
+        "tensorboard==2.21.*",
         "numpy",
         "pyyaml",
         "matplotlib",

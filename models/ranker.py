@@ -163,9 +163,17 @@ class Ranker(tfrs.models.Model):
             weighted_losses = self.ranking_tasks[task.name](
                 label[:, tf.newaxis], outputs[task.name][:, tf.newaxis], sample_weight=weight
             )
-            task_loss = tf.math.divide_no_nan(tf.reduce_sum(weighted_losses), num_labeled)
+            loss_sum = tf.reduce_sum(weighted_losses)
             # Weighting each batch's mean by its labeled count makes the logged value the mean over labeled examples.
-            self.task_loss_metrics[task.name].update_state(task_loss, sample_weight=num_labeled)
+            self.task_loss_metrics[task.name].update_state(
+                tf.math.divide_no_nan(loss_sum, num_labeled), sample_weight=num_labeled
+            )
+            # Under a strategy each replica's share is divided by the labeled count of the *global* batch (times
+            # the replica count, which the caller divides by): with masks the replicas' counts differ, and the
+            # mean of their means would not be the mean over every labeled example.
+            replicas = tf.distribute.get_strategy().num_replicas_in_sync
+            global_labeled = _sum_over_replicas(num_labeled)
+            task_loss = tf.math.divide_no_nan(loss_sum * replicas, global_labeled)
             task_losses[task.name] = self.task_weight(task) * task_loss
         for task, weights in gates.items():
             for expert, metric in enumerate(self.gate_metrics[task]):
@@ -302,3 +310,11 @@ def build_ranker(spec: DatasetSpec, config: RankerConfig | str | Mapping[str, An
     model = Ranker(spec, config)
     model(placeholder_features(spec))
     return model
+
+
+def _sum_over_replicas(value: tf.Tensor) -> tf.Tensor:
+    """`value` summed over the replicas in sync (itself with one replica, or outside a replica context)."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return value
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, value)

@@ -287,9 +287,13 @@ print(json.dumps({
 
 
 @pytest.mark.slow
-def test_replica_losses_sum_to_the_single_device_loss_under_mirrored_strategy(tiny_spec, make_batch):
+@pytest.mark.parametrize("masked", [False, True])
+def test_replica_losses_sum_to_the_single_device_loss_under_mirrored_strategy(tiny_spec, make_batch, masked):
     # Virtual devices must be set up before TensorFlow initializes, hence a fresh process.
-    features, labels = make_batch(tiny_spec, size=16)  # 8 examples a replica, all labeled
+    features, labels = make_batch(tiny_spec, size=16)  # 8 examples a replica
+    if masked:  # replica 0 then has 3 labeled clicks, replica 1 has 8: the mean of means is not the mean
+        labels = {key: np.array(value, np.float32) for key, value in labels.items()}
+        labels["click"][:5] = np.nan
     args = [json.dumps(x, default=lambda a: a.tolist()) for x in (tiny_spec.to_dict(), features, labels)]
     result = subprocess.run(
         [sys.executable, "-c", _MIRRORED_SCRIPT, *args], capture_output=True, text=True, timeout=300, check=False
