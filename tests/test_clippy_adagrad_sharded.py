@@ -4,24 +4,19 @@ Keras 3 has no ParameterServerStrategy support, so this runs in the Keras 2 run 
 subprocess: in-process servers cannot be shut down and would outlive the test.
 """
 
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+
+from script_runner import run_json_script
 
 SCRIPT = pathlib.Path(__file__).parent / "scripts" / "ps_sharded_clippy.py"
 
 
 @pytest.fixture(scope="module")
 def results() -> dict:
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    process = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=300)
-    assert process.returncode == 0, process.stderr[-3000:]
-    return json.loads(process.stdout.strip().splitlines()[-1])
+    return run_json_script(SCRIPT, timeout=300)
 
 
 @pytest.mark.keras2_only

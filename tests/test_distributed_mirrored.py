@@ -4,13 +4,11 @@ Both runtimes. The strategy runs in a fresh process (`scripts/dist_mirrored.py`)
 configured before TensorFlow runs an op, which pytest's process has already done. One process runs every case.
 """
 
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
+
+from script_runner import run_json_script
 
 SCRIPT = pathlib.Path(__file__).parent / "scripts" / "dist_mirrored.py"
 CASES = ("clippy_sparse", "clippy_dense", "gc_sparse", "agc_sparse", "lamb_sparse", "naive_sparse")
@@ -18,10 +16,7 @@ CASES = ("clippy_sparse", "clippy_dense", "gc_sparse", "agc_sparse", "lamb_spars
 
 @pytest.fixture(scope="module")
 def results() -> dict:
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    process = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=240)
-    assert process.returncode == 0, process.stderr[-3000:]
-    return json.loads(process.stdout.strip().splitlines()[-1])
+    return run_json_script(SCRIPT, timeout=240)
 
 
 @pytest.mark.slow
