@@ -171,7 +171,8 @@ def main() -> None:
                     result = run(splits, backbone, variant, seed, args)
                     runs.append(result)
                     print(f"{dataset} {backbone} {variant.name} seed {seed}: mean AUC {result['mean_auc']:.4f} "
-                          f"AUC {result['auc']} RMSE {result['rmse']} step {result['median_step_seconds'] * 1e3:.1f} ms "
+                          f"AUC {result['auc']} RMSE {result['rmse']} "
+                          f"step {result['median_step_seconds'] * 1e3:.1f} ms "
                           f"({time.perf_counter() - start:.0f} s)", flush=True)
         report["runs"][dataset] = runs
         tables.append(markdown_table(dataset, runs))

@@ -29,7 +29,9 @@ do. alpha's scale is a design decision (`alpha_scaling`):
 
 `minimize` returns the logs `loss` (the sum of the task losses), `weight_<task>` (alpha_i, or exp(-s_i) for
 "uncertainty") and, for "pub"/"nash_mtl", `cosine_<task>_<task>` between the tasks' updates (resp. gradients),
-every step: `fit` puts them in its logs, History and, with `update_freq=1`, TensorBoard.
+every step: `fit` puts them in its batch logs (callbacks) and History, and `minimize` also writes them as scalars
+"multitask/<name>" to the default summary writer, which Keras's TensorBoard callback provides (per step with
+`update_freq=1`; not under XLA).
 
 Runs in graph mode and under XLA (`jit_compile=True`), in one replica (the per-task gradients of several replicas
 would need their own all-reduce).
@@ -41,6 +43,8 @@ import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
 import tensorflow as tf
+from tensorflow.core.framework import summary_pb2
+from tensorflow.python.ops import control_flow_util
 
 from tfrs_clippy.keras_runtime import LEGACY_KERAS, keras
 from tfrs_clippy.multitask import solver, updates
@@ -113,6 +117,26 @@ def _sum_gradients(grads: Sequence[updates.Gradient]) -> updates.Gradient:
             present[0].dense_shape,
         )
     return tf.add_n([tf.convert_to_tensor(grad) for grad in present])
+
+
+_SCALAR_METADATA = summary_pb2.SummaryMetadata(
+    plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
+    data_class=summary_pb2.DATA_CLASS_SCALAR,
+)
+
+
+def _write_summaries(logs: Mapping[str, tf.Tensor], iterations: tf.Tensor) -> None:
+    """Writes `logs` as TensorBoard scalars "multitask/<name>" to the default summary writer, if there is one.
+
+    Keras's TensorBoard callback makes its writer the default during `fit`, recording every `update_freq` steps;
+    Keras 2 writes no batch-level scalars of the logs itself, and its default summary step is frozen at the start
+    of `fit`, hence the optimizer's `iterations` (the step about to run) as the step. `tf.summary.write` with
+    the scalar plugin's metadata needs no tensorboard package. Not under XLA, which cannot compile summary ops.
+    """
+    if control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
+        return
+    for name, value in logs.items():
+        tf.summary.write(f"multitask/{name}", value, step=iterations, metadata=_SCALAR_METADATA)
 
 
 def _optimizer_built(optimizer: Any) -> bool:
@@ -214,7 +238,9 @@ class MultitaskBalancer(keras.layers.Layer):
                 uncertainty_loss = tf.reduce_sum(precisions * tf.stack(task_losses) + self.log_variances)
         if self.balancing.method == "uncertainty":
             optimizer.apply_gradients(zip(tape.gradient(uncertainty_loss, variables), variables))
-            return {"loss": loss, **self._weight_logs(precisions)}
+            logs = self._weight_logs(precisions)
+            _write_summaries(logs, optimizer.iterations)
+            return {"loss": loss, **logs}
 
         # One backward pass per task, through every variable: the task-specific gradient is then their sum.
         per_task = [tape.gradient(task_loss, variables) for task_loss in task_losses]
@@ -235,12 +261,12 @@ class MultitaskBalancer(keras.layers.Layer):
             if rule is not None
             else [grads.values for grads in stacked]
         )
-        gram = tf.add_n([tf.matmul(flat, flat, transpose_b=True)
-                         for flat in (tf.reshape(u, [self.num_tasks, -1]) for u in utilities)])
+        flat_utilities = [tf.reshape(utility, [self.num_tasks, -1]) for utility in utilities]
+        gram = tf.add_n([tf.matmul(flat, flat, transpose_b=True) for flat in flat_utilities])
         weights = self._weights(gram, optimizer.iterations)
 
         specific_grads = [
-            _sum_gradients([grads[num_shared + index] for grads in per_task]) for index in range(len(specific_variables))
+            _sum_gradients([grads[index] for grads in per_task]) for index in range(num_shared, len(variables))
         ]
         if rule is not None:
             for variable, grads, candidates in zip(shared_variables, stacked, utilities):
@@ -259,7 +285,9 @@ class MultitaskBalancer(keras.layers.Layer):
             optimizer.apply_gradients(zip(shared_grads + specific_grads, variables))
         else:
             optimizer.iterations.assign_add(1)
-        return {"loss": loss, **self._weight_logs(weights), **self._cosine_logs(gram)}
+        logs = {**self._weight_logs(weights), **self._cosine_logs(gram)}
+        _write_summaries(logs, optimizer.iterations)
+        return {"loss": loss, **logs}
 
     def _weights(self, gram: tf.Tensor, iterations: tf.Tensor) -> tf.Tensor:
         """alpha for this step: solved every `solve_every` steps from the warm start, else the held solution."""
