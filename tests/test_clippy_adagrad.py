@@ -439,3 +439,22 @@ def test_sparse_gradient_with_no_rows_changes_nothing(jit_compile):
     tf.function(optimizer.apply_gradients, jit_compile=jit_compile)([(empty, table)])
     np.testing.assert_array_equal(table.numpy(), np.ones((4, 2)))
     np.testing.assert_array_equal(optimizer.accumulator(table).numpy(), np.full((4, 2), 0.1, np.float32))
+
+
+def test_steps_on_a_subset_of_variables_use_their_own_slots():
+    optimizer = ClippyAdagrad(learning_rate=0.1, use_standard_accumulator_update=True)
+    first, second = tf.Variable([1.0, 1.0], name="first"), tf.Variable([1.0, 1.0], name="second")
+    optimizer.apply_gradients([(tf.constant([1.0, 1.0]), first), (tf.constant([2.0, 2.0]), second)])
+    optimizer.apply_gradients([(tf.constant([3.0, 3.0]), second)])
+    np.testing.assert_allclose(optimizer.accumulator(first).numpy(), [1.1, 1.1], rtol=1e-6)
+    np.testing.assert_allclose(optimizer.accumulator(second).numpy(), [13.1, 13.1], rtol=1e-6)  # 0.1 + 4 + 9
+
+
+@pytest.mark.keras2_only  # Keras 3 refuses variables the optimizer was not first built with
+def test_a_variable_first_seen_later_gets_its_own_slots():
+    optimizer = ClippyAdagrad(learning_rate=0.1, use_standard_accumulator_update=True)
+    first, later = tf.Variable([1.0], name="first"), tf.Variable([1.0, 1.0], name="later")
+    optimizer.apply_gradients([(tf.constant([2.0]), first)])
+    optimizer.apply_gradients([(tf.constant([1.0, 1.0]), later), (tf.constant([1.0]), first)])
+    np.testing.assert_allclose(optimizer.accumulator(later).numpy(), [1.1, 1.1], rtol=1e-6)
+    np.testing.assert_allclose(optimizer.accumulator(first).numpy(), [5.1], rtol=1e-6)

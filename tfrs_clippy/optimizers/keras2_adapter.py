@@ -21,11 +21,16 @@ class KerasAdapter(ScaledAdagradMixin, tf_keras.optimizers.Optimizer):
         self._learning_rate = self._build_learning_rate(learning_rate)
 
     def build(self, var_list) -> None:
+        # The base rebuilds `_index_dict` from every `apply_gradients` call's variables, so after a call on a subset
+        # its positions no longer match the slots: slots are found by variable key instead, and a variable seen
+        # for the first time gets its slots then.
         super().build(var_list)
-        if getattr(self, "_slots_built", False):
-            return
-        self._slots_built = True
-        self._build_slots(var_list)
+        if not hasattr(self, "_slot_positions"):
+            self._slot_positions = {}
+        new_variables = [v for v in var_list if self._var_key(v) not in self._slot_positions]
+        for variable in new_variables:
+            self._slot_positions[self._var_key(variable)] = len(self._slot_positions)
+        self._build_slots(new_variables)
 
     def _create_accumulator(self, variable, dtype: tf.DType):
         initial_value = tf.fill(variable.shape, tf.constant(self.initial_accumulator_value, dtype))
@@ -52,7 +57,7 @@ class KerasAdapter(ScaledAdagradMixin, tf_keras.optimizers.Optimizer):
         return grads
 
     def _slot_index(self, variable) -> int:
-        return self._index_dict[self._var_key(variable)]
+        return self._slot_positions[self._var_key(variable)]
 
     def update_step(self, gradient, variable) -> tf.Operation:
         return self._apply_scaled_adagrad(gradient, variable, self.learning_rate)
