@@ -100,7 +100,6 @@ def run_worker(args: argparse.Namespace) -> None:
             return optimizer.iterations
 
         report(case, name, time_steps(step, zipf_batches(rows)), rows=rows)
-        del table, optimizer
 
     def dense_case(name: str, make_optimizer: Callable) -> None:
         widths = [int(w) for w in args.mlp.split(",")]
@@ -156,7 +155,6 @@ def run_fused_kernels(args, sparse_case_rows, report, time_steps, zipf_batches) 
 
     report("sparse", "fused kernel (ResourceSparseApplyAdagradV2)", time_steps(sparse_step, zipf_batches(args.rows)),
            rows=sparse_case_rows)
-    del table, accumulator
     widths = [int(w) for w in args.mlp.split(",")]
     variables = [tf.Variable(tf.random.normal((a, b), stddev=0.02)) for a, b in zip(widths, widths[1:])]
     variables += [tf.Variable(tf.zeros((b,))) for b in widths[1:]]
