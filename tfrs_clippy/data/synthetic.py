@@ -8,9 +8,9 @@ is in memory at a time: 10M examples cost the memory of 4,096.
 The hidden teacher:
 - Each categorical feature has ids 1..V-1 (id 0, the OOV bucket, never occurs) drawn from a Zipf law with exponent
   `zipf_exponent`: P(id = k) is proportional to k ** -s, so id 1 is the most popular. The 1,024 most popular ids
-  are drawn exactly, the rest by rounding a continuous power law: O(1) memory per example for any V.
+  are drawn exactly, the rest by rounding a continuous power law (`ids.ZipfSampler`): O(1) memory per example.
 - Each id has a teacher embedding, a row of a fixed random table of `TEACHER_BUCKETS` rows picked by a
-  multiplicative hash of the id: a 1e7-id vocabulary does not need a 1e7-row table, and head ids get distinct rows.
+  multiplicative hash of the id (`ids.hash_bucket`): a 1e7-id vocabulary does not need a 1e7-row table, and head ids get distinct rows.
 - The numeric feature is standard normal. The teacher's hidden layer is relu of a fixed random projection of the
   concatenated teacher embeddings and numeric values, centred; each task reads it with its own linear head.
 - Distribution shift: each task head rotates in the plane of two fixed random directions, by `drift` radians per
@@ -26,6 +26,7 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
+from tfrs_clippy.data import ids as ids_module
 from tfrs_clippy.data import tables
 from tfrs_clippy.data.pipeline import examples_from_chunks
 from tfrs_clippy.data.spec import DatasetSpec, FeatureSpec, TaskSpec
@@ -34,15 +35,9 @@ NAME = "synthetic"
 CHUNK_SIZE = 4096
 """Examples generated per random draw. Part of the data's definition: changing it changes the data."""
 
-ZIPF_HEAD = 1024
-"""The most popular ids, which the Zipf sampler draws exactly."""
-
 TEACHER_BUCKETS = 1 << 16
 TEACHER_DIM = 8
 TEACHER_HIDDEN = 32
-_HASH_MULTIPLIER = 2654435761
-"""Knuth's multiplicative hash constant, close to 2**32 / golden ratio; an id < 2**31 times it fits in int64."""
-
 TASK_CORRELATION = 0.5
 """Share of each head direction's variance that all tasks have in common."""
 
@@ -54,53 +49,6 @@ REGRESSION_NOISE = 0.5
 
 _RELU_MEAN = 1.0 / math.sqrt(2.0 * math.pi)
 """E[relu(z)] for z ~ N(0, 1)."""
-
-
-def _power_law_integral(low: float, high: float, exponent: float) -> float:
-    """The integral of x ** -exponent from low to high."""
-    if abs(exponent - 1.0) < 1e-9:
-        return math.log(high / low)
-    return (high ** (1.0 - exponent) - low ** (1.0 - exponent)) / (1.0 - exponent)
-
-
-class _ZipfSampler:
-    """Draws ids k in [1, vocabulary_size) with P(k) proportional to k ** -exponent, in O(1) memory per draw.
-
-    The `ZIPF_HEAD` most popular ids are drawn exactly, by searching their cumulative distribution. Beyond them,
-    the mass of id k is taken as the integral of x ** -s over [k - 1/2, k + 1/2) (relative error below s(s+1)/(24
-    k^2) < 1e-6 there), so an id is the rounded draw of a continuous power law, by inverting its CDF.
-    """
-
-    def __init__(self, vocabulary_size: int, exponent: float) -> None:
-        self.exponent = exponent
-        self.head = min(ZIPF_HEAD, vocabulary_size - 1)
-        head_mass = np.arange(1, self.head + 1, dtype=np.float64) ** -exponent
-        self.tail_low, self.tail_high = self.head + 0.5, vocabulary_size - 0.5
-        tail_mass = _power_law_integral(self.tail_low, self.tail_high, exponent)
-        total = head_mass.sum() + tail_mass
-        self.head_cdf = tf.constant(np.cumsum(head_mass) / total)
-        self.head_probability = float(head_mass.sum() / total)
-        self.vocabulary_size = vocabulary_size
-
-    def __call__(self, uniform: tf.Tensor) -> tf.Tensor:
-        """int64 ids from float64 uniforms in [0, 1)."""
-        head_ids = tf.searchsorted(self.head_cdf, uniform, side="right") + 1
-        # Rescale the uniforms that fall in the tail to [0, 1), and invert the tail's CDF.
-        tail_uniform = tf.clip_by_value((uniform - self.head_probability) / (1.0 - self.head_probability), 0.0, 1.0)
-        low, high = self.tail_low, self.tail_high
-        if abs(self.exponent - 1.0) < 1e-9:
-            continuous = low * tf.pow(high / low, tail_uniform)
-        else:
-            power = 1.0 - self.exponent
-            continuous = tf.pow(low**power + tail_uniform * (high**power - low**power), 1.0 / power)
-        tail_ids = tf.clip_by_value(tf.cast(tf.round(continuous), tf.int64), self.head + 1, self.vocabulary_size - 1)
-        return tf.where(uniform < self.head_probability, tf.cast(head_ids, tf.int64), tail_ids)
-
-
-def _teacher_bucket(ids: tf.Tensor) -> tf.Tensor:
-    """The row of an id's teacher embedding: the top 16 of the low 32 bits of id * the hash multiplier."""
-    hashed = tf.bitwise.bitwise_and(ids * _HASH_MULTIPLIER, 0xFFFFFFFF)
-    return tf.bitwise.right_shift(hashed, 32 - int(math.log2(TEACHER_BUCKETS)))
 
 
 class _Teacher:
@@ -127,7 +75,7 @@ class _Teacher:
 
     def scores(self, ids: Sequence[tf.Tensor], numeric: tf.Tensor, angle: tf.Tensor) -> tf.Tensor:
         """[batch, num_tasks] float32 scores of a chunk; `angle` [batch] is each example's head rotation."""
-        embeddings = [tf.gather(table, _teacher_bucket(f_ids)) for table, f_ids in zip(self.tables, ids)]
+        embeddings = [tf.gather(table, ids_module.hash_bucket(f_ids, TEACHER_BUCKETS)) for table, f_ids in zip(self.tables, ids)]
         hidden = tf.nn.relu(tf.concat(embeddings + [numeric], axis=1) @ self.projection) - _RELU_MEAN
         start, end = hidden @ self.heads[0], hidden @ self.heads[1]
         return tf.cos(angle)[:, None] * start + tf.sin(angle)[:, None] * end
@@ -214,7 +162,7 @@ def synthetic(
         tasks=tuple(tasks),
     )
     teacher = _Teacher(seed, len(vocabulary_sizes), numeric_dim, len(tasks))
-    samplers = [_ZipfSampler(size, zipf_exponent) for size in vocabulary_sizes]
+    samplers = [ids_module.ZipfSampler(size, zipf_exponent) for size in vocabulary_sizes]
     is_binary = tf.constant([task.kind == "binary" for task in tasks])
 
     def chunk(chunk_index: tf.Tensor) -> tuple[dict[str, tf.Tensor], dict[str, tf.Tensor]]:
