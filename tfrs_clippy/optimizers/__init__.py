@@ -1,4 +1,5 @@
-"""Adagrad with per-variable update scaling: ClippyAdagrad, the paper's baselines, and the math they share."""
+"""Adagrad with per-variable update scaling: ClippyAdagrad, the paper's baselines, the math they share, and a
+learning-rate warm-up for any optimizer."""
 
 from tfrs_clippy.optimizers.baselines import (
     METHODS,
@@ -10,12 +11,14 @@ from tfrs_clippy.optimizers.baselines import (
     build_optimizer,
 )
 from tfrs_clippy.optimizers.clippy_adagrad import PAPER_SETTING, ClippyAdagrad
+from tfrs_clippy.optimizers.schedules import LinearWarmup
 
 __all__ = [
     "AdaptiveGradientClippingAdagrad",
     "ClippyAdagrad",
     "GradientClippingAdagrad",
     "LambAdagrad",
+    "LinearWarmup",
     "METHODS",
     "PAPER_GRIDS",
     "PAPER_SETTING",
