@@ -110,12 +110,13 @@ def test_early_blow_up_to_a_dead_model_is_diverged():
     losses[0], losses[1], losses[2] = 17.0, 9.5e5, 3.0e3
     verdict = reporting.classify_run(losses, CHANCE)
     assert (verdict.diverged, verdict.reason) == (True, "blew_up_at_chance")
-    assert verdict.full_divergences == 0  # invisible to the spike detector: it happened during warm-up
+    assert verdict.full_divergences == 0  # the detector's warm-up trigger saw it recover: micro, not full
     assert verdict.final_to_best_ratio == pytest.approx(1.0)
 
 
 def test_recovered_warmup_blow_up_is_a_micro_divergence():
-    # The detector has no baseline in its first 10 steps; a recovered blow-up there still counts as micro.
+    # The detector has no median baseline in its first 10 steps; its warm-up trigger (10x the smallest loss)
+    # still sees a blow-up there, and one that recovers is micro.
     losses = _healthy()
     losses[2] = 300.0
     verdict = reporting.classify_run(losses, GOOD)
@@ -128,7 +129,8 @@ def test_one_dead_task_after_a_blow_up_is_diverged_but_not_without_one():
     losses[2] = 300.0
     one_dead = {"like_auc": 0.49995, "love_auc": 0.39, "rating_rmse": 1.09}  # a constant "like" prediction
     verdict = reporting.classify_run(losses, one_dead)
-    assert (verdict.diverged, verdict.reason, verdict.micro_divergences) == (True, "task_dead_after_blow_up", 0)
+    # The blow-up recovered (micro), but it left a dead task: the run diverged.
+    assert (verdict.diverged, verdict.reason, verdict.micro_divergences) == (True, "task_dead_after_blow_up", 1)
     assert not reporting.classify_run(_healthy(), one_dead).diverged  # no blow-up: a weak model, not a divergence
     rating_dead = {"like_auc": 0.55, "love_auc": 0.56, "rating_rmse": 3.59}
     assert not reporting.classify_run(losses, rating_dead).diverged  # no reference RMSE: regression not judged

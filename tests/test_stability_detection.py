@@ -72,6 +72,46 @@ def test_nan_during_warmup_is_full_divergence():
     assert [(e.kind, e.start_step) for e in record.events] == [("full", 2)]
 
 
+def _events(record):
+    return [(e.kind, e.start_step, e.end_step, e.reason, e.baseline) for e in record.events]
+
+
+def test_blow_up_at_step_1_that_never_comes_back_is_a_full_divergence_from_step_1():
+    # Step 1 is in the warm-up (10 steps): 1e5 > 10 * 17 starts a spike, baseline 17, threshold 170.
+    record = detect_divergence([17.0] + [1e5] * 60, DetectorConfig(recovery_steps=50))
+    assert _events(record) == [("full", 1, 51, "no_recovery", 17.0)]
+    assert record.baselines[1:3] == [17.0, 17.0]  # step 0 had nothing to compare with: NaN
+    assert math.isnan(record.baselines[0])
+    assert record.instability_score().worst_spike_ratio == pytest.approx(1e5 / 17.0)
+
+
+def test_blow_up_in_the_warmup_that_recovers_is_micro():
+    record = detect_divergence([17.0, 400.0, 12.0, 8.0, 7.0, 6.5])
+    assert _events(record) == [("micro", 1, 2, "recovered", 17.0)]  # 400 > 170; 12 <= 170
+    assert record.in_spike == [False, True, False, False, False, False]
+
+
+def test_falling_warmup_loss_and_a_small_rise_are_no_event():
+    assert detect_divergence([17.0, 9.0, 5.0, 4.0]).events == []
+    assert detect_divergence([1.0, 5.0, 1.0, 1.0]).events == []  # 5 < 10 * 1
+
+
+def test_warmup_threshold_is_the_smallest_loss_so_far():
+    # The smallest loss so far is 2 (step 2): 25 > 10 * 2 spikes though it is below 10 * 17.
+    record = detect_divergence([17.0, 9.0, 2.0, 25.0, 3.0])
+    assert _events(record) == [("micro", 3, 4, "recovered", 2.0)]
+    # A custom ratio: 5 > 4 * 1.
+    assert _events(detect_divergence([1.0, 5.0, 1.0, 1.0], DetectorConfig(warmup_spike_ratio=4.0))) == [
+        ("micro", 1, 2, "recovered", 1.0)
+    ]
+
+
+def test_infinite_warmup_spike_ratio_keeps_the_warmup_blind():
+    record = detect_divergence([17.0, 1e5, 1e5, 12.0], DetectorConfig(warmup_spike_ratio=math.inf))
+    assert record.events == []
+    assert all(math.isnan(b) for b in record.baselines)
+
+
 def test_noisy_small_loss_needs_both_ratio_and_mad():
     # A small loss with additive noise of 40% of its level: a 2x ratio alone fires on 2.5-sigma noise (~0.6% of
     # steps); the 6-MAD test keeps it quiet.
@@ -83,7 +123,15 @@ def test_noisy_small_loss_needs_both_ratio_and_mad():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("spike_ratio", 1.0), ("spike_mads", -1.0), ("recovery_steps", 0), ("baseline_window", 2.5), ("warmup_steps", 99)],
+    [
+        ("spike_ratio", 1.0),
+        ("spike_mads", -1.0),
+        ("recovery_steps", 0),
+        ("baseline_window", 2.5),
+        ("warmup_steps", 99),
+        ("warmup_spike_ratio", 1.0),
+        ("warmup_spike_ratio", math.nan),
+    ],
 )
 def test_bad_config_raises_naming_the_argument(field, value):
     with pytest.raises(ValueError, match=field):

@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 from tfrs_clippy.keras_runtime import keras
+from tfrs_clippy.optimizers import LinearWarmup
 from tfrs_clippy.stability import DetectorConfig, RollbackOnDivergence
 
 BATCH_SIZE = 16
@@ -21,7 +22,7 @@ def _data(bad_batch: int, make_bad):
     return features, targets
 
 
-def _model(learning_rate: float = 0.1) -> keras.Model:
+def _model(learning_rate: float | keras.optimizers.schedules.LearningRateSchedule = 0.1) -> keras.Model:
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, kernel_initializer="zeros")])
     model.compile(optimizer=keras.optimizers.Adagrad(learning_rate), loss="mse")
     return model
@@ -122,10 +123,71 @@ def test_rescued_nan_does_not_stop_training_but_an_unrescued_one_does():
 
 def test_spike_before_any_old_enough_snapshot_is_logged_without_rollback():
     features, targets = _data(1, _spiky_targets)
-    rollback = RollbackOnDivergence(config=DetectorConfig(warmup_steps=1, baseline_window=5))
+    # One snapshot kept, taken every step: step 0's replaces the initial state's, and is too new for step 1.
+    rollback = RollbackOnDivergence(
+        config=DetectorConfig(warmup_steps=1, baseline_window=5), snapshot_every_n_steps=1, keep_snapshots=1
+    )
     _model().fit(features, targets, batch_size=BATCH_SIZE, epochs=1, shuffle=False, verbose=0, callbacks=[rollback])
     assert [(e.step, e.restored_step) for e in rollback.rollback_events] == [(1, None)]
     assert rollback.rollbacks == 0
+
+
+class _BlowUpAfterStep0(keras.callbacks.Callback):
+    """Sets every weight to 100 after step 0, as a wild first update would: the loss of step 1 blows up.
+
+    Listed before the rollback callback, so the snapshot of step 0 holds the blown-up state.
+    """
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == 0 and int(self.model.optimizer.iterations) == 1:
+            self.model.set_weights([np.full_like(w, 100.0) for w in self.model.get_weights()])
+
+
+def test_blow_up_at_step_1_rolls_back_to_the_initial_state():
+    features, targets = _data(0, lambda block: None)  # clean data: the callback makes the blow-up
+    rollback = RollbackOnDivergence(snapshot_every_n_steps=1, skip_batches=SKIP)
+    state_log = _StateLog()
+    model = _model()
+    initial = _model()
+    initial.optimizer.build(initial.trainable_variables)
+    initial_state = initial.get_weights() + [np.array(v) for v in initial.optimizer.variables]
+    model.fit(
+        features, targets, batch_size=BATCH_SIZE, epochs=1, shuffle=False, verbose=0,
+        callbacks=[_BlowUpAfterStep0(), rollback, state_log],
+    )
+    # The loss of step 1 (about 1e4 x step 0's) is a warm-up spike; the s - 2 rule needs the snapshot of step -1.
+    assert [(e.step, e.restored_step) for e in rollback.rollback_events] == [(1, -1)]
+    assert [(e.kind, e.start_step) for e in rollback.events] == [("micro", 1)]
+    assert all(np.all(w == 0.0) for w in state_log.states[1][:2])  # the zero-initialized kernel and bias
+    for step in range(1, SKIP + 2):  # the blown-up step and the skipped ones: back at the initial state
+        _assert_same_state(state_log.states[step], initial_state)
+    # The run equals one that never saw batches 0 .. SKIP + 1.
+    rows = np.arange((SKIP + 2) * BATCH_SIZE, BATCHES * BATCH_SIZE)
+    reference = _model()
+    reference.fit(features[rows], targets[rows], batch_size=BATCH_SIZE, epochs=1, shuffle=False, verbose=0)
+    for actual, expected in zip(model.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_lr_factor_scales_a_linear_warmup_schedule():
+    features, targets = _data(0, lambda block: None)
+    schedule = LinearWarmup(0.1, warmup_steps=5)
+    rollback = RollbackOnDivergence(skip_batches=SKIP, lr_factor=0.5)
+    model = _model(schedule)
+    model.fit(
+        features, targets, batch_size=BATCH_SIZE, epochs=1, shuffle=False, verbose=0,
+        callbacks=[_BlowUpAfterStep0(), rollback],
+    )
+    assert [(e.step, e.restored_step) for e in rollback.rollback_events] == [(1, -1)]
+    assert float(schedule.multiplier.numpy()) == 0.5
+    # The warm-up restarts from the restored iteration 0, at half the rates: 0.5 * 0.1 * 1/5, then 0.5 * 0.1.
+    assert [float(schedule(tf.constant(s, tf.int64))) for s in (0, 10)] == pytest.approx([0.01, 0.05], rel=1e-6)
+    # Training after the rollback equals a run over the kept batches with the halved schedule.
+    rows = np.arange((SKIP + 2) * BATCH_SIZE, BATCHES * BATCH_SIZE)
+    reference = _model(LinearWarmup(0.05, warmup_steps=5))
+    reference.fit(features[rows], targets[rows], batch_size=BATCH_SIZE, epochs=1, shuffle=False, verbose=0)
+    for actual, expected in zip(model.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize(

@@ -32,18 +32,19 @@ def _run(*extra: str) -> dict:
 
 @pytest.mark.slow
 def test_seeds_script_counts_runs_with_and_without_rollback():
-    # Known outcome (the same in both runtimes): seed 0 trains quietly; seed 1 has one loss spike, which the
-    # plain run survives as a micro-divergence and the rollback run rolls back once.
+    # Known outcome (the same in both runtimes): on both seeds the loss blows up at step 1, inside the detector's
+    # warm-up (seed 0: 11 -> 1.3e6). Seed 0 recovers, twice (micro); seed 1 never does (full, held-out loss ~400).
+    # With rollback each blow-up goes back to the initial state at half the learning rate: neither seed diverges.
     plain, rolled_back = _run(), _run("--rollback", "--lr-factor", "0.5")
     assert "rollback=off" in plain["stdout"] and "rollback=on" in rolled_back["stdout"]
-    quiet = {"micro": 0, "full": 0, "rescued": 0, "rollbacks": 0}
-    for run in (plain, rolled_back):
-        assert sorted(run["rows"]) == [0, 1]
-        assert {k: v for k, v in run["rows"][0].items() if k != "seed"} == quiet
-    assert plain["rows"][1] == {"seed": 1, "micro": 1, "full": 0, "rescued": 0, "rollbacks": 0}
-    assert rolled_back["rows"][1]["rollbacks"] == 1
-    assert rolled_back["rows"][1]["full"] == 0
-    assert rolled_back["diverged"] <= plain["diverged"] == 0
+    assert plain["rows"] == {
+        0: {"seed": 0, "micro": 2, "full": 0, "rescued": 0, "rollbacks": 0},
+        1: {"seed": 1, "micro": 0, "full": 1, "rescued": 0, "rollbacks": 0},
+    }
+    assert plain["diverged"] == 1
+    assert rolled_back["rows"] == {seed: {"seed": seed, "micro": 4, "full": 0, "rescued": 0, "rollbacks": 4}
+                                   for seed in (0, 1)}
+    assert rolled_back["diverged"] == 0
 
 
 def test_seeds_script_rejects_a_bad_seed_count():

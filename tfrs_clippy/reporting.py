@@ -145,7 +145,7 @@ class RunVerdict:
         diverged: The run fully diverged (see the module docstring).
         reason: "non_finite_loss", "non_finite_metric", "far_above_best_at_chance", "blew_up_at_chance",
             "task_dead_after_blow_up", or "" when not diverged.
-        micro_divergences: Spikes that recovered, including a recovered blow-up in the detector's warm-up.
+        micro_divergences: Spikes that recovered (the detector also sees blow-ups in its warm-up).
         full_divergences: Spikes that did not recover in time, or runs of NaN/Inf losses (the detector's count;
             a run can have one and still not be diverged, if its final loss and AUC are healthy).
         final_to_best_ratio: The final loss level over the best smoothed loss (inf if the loss was non-finite).
@@ -221,8 +221,6 @@ def classify_run(
         reason = "blew_up_at_chance"
     elif blew_up and _has_dead_task(metrics, config, constant_rmse or {}):
         reason = "task_dead_after_blow_up"
-    if warmup_blow_up and not reason:
-        micro += 1
     return RunVerdict(bool(reason), reason, micro, full, final_ratio, peak_ratio, warmup_blow_up)
 
 

@@ -8,6 +8,10 @@ metrics: a spike can come and go between two logging points. `SpikeDetector` wat
   noise of single batches, and not dragged up by the spike it is measuring).
 - A step *spikes* when its loss exceeds `spike_ratio * baseline` and also `baseline + spike_mads * sigma`, where
   sigma = 1.4826 * MAD of the window (a robust standard deviation), so that noisy low losses are not flagged.
+- Until the window holds `warmup_steps` losses there is no median to trust, but a blow-up there is the one that
+  matters most (Adagrad's first steps on a badly initialized net: 17 at step 0, 1e5 at step 1). So during the
+  warm-up the baseline is the smallest loss of the window (every non-spike loss so far) and a step spikes when
+  its loss exceeds `warmup_spike_ratio * baseline` (10x by default: a warm-up loss is noisy, and falls fast).
 - A spike is *micro* if the loss returns to or below the threshold fixed at the spike's start within
   `recovery_steps` steps, and *full* if it does not, or if any loss is NaN or Inf. A spike still open when the
   sequence (or training) ends counts as full: the run ended diverged.
@@ -50,8 +54,11 @@ class DetectorConfig:
         recovery_steps: A spike is micro if the loss is back at or below the spike threshold within this many steps
             after it started, else full. Default 50.
         baseline_window: How many recent non-spike losses the median baseline is taken over. Default 50.
-        warmup_steps: No spike is flagged until the window holds this many losses (NaN/Inf are flagged from the
-            first step). Default 10.
+        warmup_steps: The median rule above starts once the window holds this many losses. Default 10.
+        warmup_spike_ratio: Before that, a loss above `warmup_spike_ratio` times the smallest loss of the window
+            starts a spike (with that threshold, and that smallest loss as its baseline); the first loss, with
+            nothing to compare it with, never does. Default 10.0; `math.inf` disables it (no finite spike is then
+            flagged during the warm-up). NaN/Inf are flagged from the first step either way.
     """
 
     spike_ratio: float = 2.0
@@ -59,10 +66,13 @@ class DetectorConfig:
     recovery_steps: int = 50
     baseline_window: int = 50
     warmup_steps: int = 10
+    warmup_spike_ratio: float = 10.0
 
     def __post_init__(self) -> None:
         if not (self.spike_ratio > 1.0 and math.isfinite(self.spike_ratio)):
             raise ValueError(f"`spike_ratio` must be a finite number > 1, got {self.spike_ratio}.")
+        if not self.warmup_spike_ratio > 1.0:  # NaN fails too; inf is allowed: it disables the warm-up rule
+            raise ValueError(f"`warmup_spike_ratio` must be > 1 (inf disables), got {self.warmup_spike_ratio}.")
         if not (self.spike_mads >= 0.0 and math.isfinite(self.spike_mads)):
             raise ValueError(f"`spike_mads` must be a finite number >= 0, got {self.spike_mads}.")
         for name in ("recovery_steps", "baseline_window", "warmup_steps"):
@@ -85,7 +95,8 @@ class DivergenceEvent:
         start_step: The step whose loss first crossed the threshold (or was non-finite).
         end_step: The step the loss recovered (micro), or the step full divergence was declared.
         peak_loss: The largest loss during the event (NaN/Inf if it was non-finite).
-        baseline: The baseline when the event started (NaN if it started before the warm-up ended).
+        baseline: The baseline when the event started: the window's median, or during the warm-up its smallest
+            loss (NaN if the window was empty, or the warm-up rule is disabled).
         reason: "recovered", "non_finite", "no_recovery", or "unrecovered_at_end" (the sequence ended in a spike).
     """
 
@@ -104,7 +115,8 @@ class DetectorUpdate:
     Attributes:
         spike_started: This step began a spike (including a first non-finite loss).
         in_spike: This step's loss is above the spike threshold (or non-finite).
-        baseline: The baseline this step was compared with (NaN during warm-up).
+        baseline: The baseline this step was compared with (during the warm-up the smallest loss of the window;
+            NaN with an empty window, or during the warm-up when `warmup_spike_ratio` is inf).
         event: The event that ended at this step, if any.
     """
 
@@ -132,9 +144,12 @@ class SpikeDetector:
         return self._spike_start is not None
 
     def _threshold(self) -> Tuple[float, float]:
-        """Returns (baseline, threshold) from the window, or (NaN, NaN) during warm-up."""
+        """Returns (baseline, threshold) from the window by the median or the warm-up rule, or (NaN, NaN) if none."""
         if len(self._window) < self.config.warmup_steps:
-            return math.nan, math.nan
+            if not self._window or math.isinf(self.config.warmup_spike_ratio):
+                return math.nan, math.nan
+            smallest = min(self._window)
+            return smallest, self.config.warmup_spike_ratio * smallest
         window = np.asarray(self._window)
         baseline = float(np.median(window))
         sigma = _MAD_TO_SIGMA * float(np.median(np.abs(window - baseline)))
@@ -176,7 +191,7 @@ class SpikeDetector:
             return DetectorUpdate(False, True, self._spike_baseline, None)
 
         baseline, threshold = self._threshold()
-        if loss > threshold:  # False during warm-up: comparisons with NaN are False.
+        if loss > threshold:  # False without a threshold: comparisons with NaN are False.
             self._spike_start, self._spike_threshold = step, threshold
             self._spike_baseline, self._spike_peak = baseline, loss
             return DetectorUpdate(True, True, baseline, None)
@@ -256,7 +271,7 @@ class DivergenceRecord:
         ratios = [
             loss / baseline if math.isfinite(loss) else math.inf
             for loss, baseline in zip(self.losses, self.baselines)
-            if baseline > 0 or not math.isfinite(loss)  # `baseline > 0` is False for NaN (warm-up).
+            if baseline > 0 or not math.isfinite(loss)  # `baseline > 0` is False for NaN (no baseline).
         ]
         return InstabilityScore(
             steps=steps,

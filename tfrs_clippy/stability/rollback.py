@@ -26,7 +26,8 @@ class Snapshot:
     """Model and optimizer state after the training step `step`, in memory or in an .npz file.
 
     Attributes:
-        step: The training step (0-based, counted over all of `fit`) after whose update the state was taken.
+        step: The training step (0-based, counted over all of `fit`) after whose update the state was taken; the
+            state a `fit` starts from is recorded as the step before its first (-1 for the first `fit`).
         model_weights: `model.get_weights()`, or None when the state is on disk.
         optimizer_variables: The values of `optimizer.variables` (iteration counter, slots, ...), or None on disk.
         path: The .npz file holding both lists when the snapshot is on disk, else None.
@@ -78,15 +79,32 @@ def _learning_rate_variable(optimizer: Any) -> Optional[tf.Variable]:
     return optimizer.learning_rate
 
 
+def _scalable_schedule(optimizer: Any) -> Optional[Any]:
+    """The optimizer's learning-rate schedule if it has a public `scale(factor)` method (`LinearWarmup`), else None."""
+    if _learning_rate_variable(optimizer) is not None:
+        return None
+    # Both runtimes keep the schedule object only as `_learning_rate`; the public `learning_rate` is its value.
+    schedule = optimizer._learning_rate  # pylint: disable=protected-access
+    return schedule if callable(getattr(schedule, "scale", None)) else None
+
+
+def _optimizer_built(optimizer: Any) -> bool:
+    # Keras 3 has a public `built`; Keras 2's optimizer has only `_built`, set by its first `build`.
+    return bool(getattr(optimizer, "built", False) or getattr(optimizer, "_built", False))
+
+
 class RollbackOnDivergence(DivergenceMonitor):
     """A `DivergenceMonitor` that, when a spike starts, restores a snapshot from before it and skips batches.
 
     Every `snapshot_every_n_steps` steps (outside spikes) it keeps a copy of `model.get_weights()` and of every
     `optimizer.variables` value (iteration counter and slots), the last `keep_snapshots` of them, in memory or, with
-    `directory`, as .npz files. When the detector flags the start of a spike at step s (a loss above the threshold
-    or non-finite), it restores the newest snapshot taken at step s - 2 or before: the loss of step s was computed on
-    the state after step s - 1, so that state and the update that made it are both discarded. Snapshots newer than
-    the restored one are dropped. The learning rate is not rolled back: it is then multiplied by `lr_factor`.
+    `directory`, as .npz files; the state each `fit` starts from is one too, taken at `on_train_begin` as the
+    snapshot of the step before the first (-1). When the detector flags the start of a spike at step s (a loss above
+    the threshold or non-finite), it restores the newest snapshot taken at step s - 2 or before: the loss of step s
+    was computed on the state after step s - 1, so that state and the update that made it are both discarded (a
+    blow-up at step 1 goes back to the initial state). Snapshots newer than the restored one are dropped. The
+    learning rate is not rolled back: it is then multiplied by `lr_factor` (a numeric one directly; a schedule
+    through its `scale(factor)`, as `tfrs_clippy.LinearWarmup` has).
 
     Skipping batches: Keras `fit` cannot un-feed a batch, so each of the next `skip_batches` batches is trained on
     and then undone by restoring the same snapshot again. The spiking batch and those batches leave no trace in the
@@ -110,7 +128,7 @@ class RollbackOnDivergence(DivergenceMonitor):
         keep_snapshots: How many snapshots to keep.
         skip_batches: How many batches after the spiking one to skip.
         lr_factor: Multiply the learning rate by this at each rollback (1.0: leave it). Needs a learning rate that
-            is a number, not a schedule.
+            is a number, or a schedule with a public `scale(factor)` method (`tfrs_clippy.LinearWarmup`).
         max_rollbacks: After this many rollbacks, the next spike stops training instead.
         directory: If set, keep snapshots as .npz files in this directory instead of in memory.
         stop_on_full_divergence: As in `DivergenceMonitor`; rescued events do not stop training.
@@ -159,13 +177,24 @@ class RollbackOnDivergence(DivergenceMonitor):
 
     def on_train_begin(self, logs: Optional[Dict[str, Any]] = None) -> None:
         super().on_train_begin(logs)
-        if self.lr_factor != 1.0 and _learning_rate_variable(self.model.optimizer) is None:
+        optimizer = self.model.optimizer
+        scalable = _learning_rate_variable(optimizer) is not None or _scalable_schedule(optimizer) is not None
+        if self.lr_factor != 1.0 and not scalable:
             raise ValueError(
-                f"`lr_factor` {self.lr_factor} needs a numeric learning rate, but the optimizer's is a schedule: "
-                f"{self.model.optimizer.get_config()['learning_rate']!r}."
+                f"`lr_factor` {self.lr_factor} needs a numeric learning rate or a schedule with a `scale(factor)` "
+                f"method (tfrs_clippy.LinearWarmup), but the optimizer's is the schedule "
+                f"{optimizer.get_config()['learning_rate']!r}."
             )
         if self.directory is not None:
             os.makedirs(self.directory, exist_ok=True)
+        # A Keras 2 model without an input shape has no weights before its first step: its first snapshot is the
+        # one after that step. A Keras 2 optimizer makes its slots at the first step: made now, the snapshot of the
+        # initial state holds every optimizer variable a later restore writes.
+        if self.model.built:
+            if not _optimizer_built(optimizer):
+                with self.model.distribute_strategy.scope():
+                    optimizer.build(self.model.trainable_variables)
+            self._save(self.global_step - 1)
 
     def on_step(self, step: int, logs: Dict[str, Any]) -> None:
         if self._batches_left_to_skip > 0:
@@ -187,6 +216,10 @@ class RollbackOnDivergence(DivergenceMonitor):
             logs["rollbacks"] = self.rollbacks
 
     def _save(self, step: int) -> None:
+        if self.snapshots and self.snapshots[-1].step == step:
+            # A `fit` starting where the last one saved its last snapshot: the state may have been changed between
+            # the two (weights loaded, say), and the new one is what this `fit` starts from.
+            self._drop_newest()
         model_weights = self.model.get_weights()
         optimizer_values = [variable.numpy() for variable in _optimizer_variables(self.model.optimizer)]
         if self.directory is None:
@@ -197,6 +230,11 @@ class RollbackOnDivergence(DivergenceMonitor):
         if len(self.snapshots) == self.snapshots.maxlen:
             os.remove(self.snapshots[0].path)
         self.snapshots.append(Snapshot(step, None, None, path))
+
+    def _drop_newest(self) -> None:
+        dropped = self.snapshots.pop()
+        if dropped.path is not None:
+            os.remove(dropped.path)
 
     def _restore(self, snapshot: Snapshot) -> None:
         """Sets model weights and optimizer variables to the snapshot's, except the learning rate, kept as is."""
@@ -223,9 +261,7 @@ class RollbackOnDivergence(DivergenceMonitor):
             self.model.stop_training = True
             return
         while self.snapshots and self.snapshots[-1].step > step - 2:
-            dropped = self.snapshots.pop()
-            if dropped.path is not None:
-                os.remove(dropped.path)
+            self._drop_newest()
         learning_rate = _learning_rate_variable(self.model.optimizer)
         if not self.snapshots:
             _LOGGER.warning("Step %d: loss %g spiked but no snapshot predates it; not rolling back.", step, loss)
@@ -233,8 +269,11 @@ class RollbackOnDivergence(DivergenceMonitor):
             return
         snapshot = self.snapshots[-1]
         self._restore(snapshot)
-        if learning_rate is not None and self.lr_factor != 1.0:
-            learning_rate.assign(learning_rate.numpy() * self.lr_factor)
+        if self.lr_factor != 1.0:
+            if learning_rate is not None:
+                learning_rate.assign(learning_rate.numpy() * self.lr_factor)
+            else:  # checked at `on_train_begin`: a schedule with `scale`
+                _scalable_schedule(self.model.optimizer).scale(self.lr_factor)
         self._restoring, self._batches_left_to_skip = snapshot, self.skip_batches
         self.model.reset_metrics()
         if non_finite:
