@@ -26,13 +26,14 @@ gates between levels). Task towers, task gates and PLE's task-specific experts a
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from models.bottoms import CrossNetwork, MixtureOfExperts, SharedBottom, dense_layers, make_bottom
-from models.config import RankerConfig
+from models.config import OUTPUT_BIASES, RankerConfig
 from models.embedding import FeatureEmbedding, feature_signature, placeholder_features
 from tfrs_clippy.data.spec import DatasetSpec, TaskSpec
 from tfrs_clippy.keras_runtime import keras
@@ -85,12 +86,19 @@ class Ranker(tfrs.models.Model):
         self.bottom = make_bottom(config, task_names)
         tower_units = config.scaled(config.tower_units)
         self.towers = {
-            name: keras.Sequential(
+            task.name: keras.Sequential(
                 dense_layers(tower_units, config.activation, config.kernel_initializer)
-                + [keras.layers.Dense(1, kernel_initializer=config.kernel_initializer, name=f"{name}_logit")],
-                name=f"tower_{name}",
+                + [
+                    keras.layers.Dense(
+                        1,
+                        kernel_initializer=config.kernel_initializer,
+                        bias_initializer=keras.initializers.Constant(output_bias(task, config.output_bias)),
+                        name=f"{task.name}_logit",
+                    )
+                ],
+                name=f"tower_{task.name}",
             )
-            for name in task_names
+            for task in spec.tasks
         }
         self.ranking_tasks = {task.name: _ranking_task(task) for task in spec.tasks}
         self.task_loss_metrics = {name: keras.metrics.Mean(name=f"{name}_loss") for name in task_names}
@@ -274,6 +282,30 @@ class Ranker(tfrs.models.Model):
     def from_config(cls, config: Mapping[str, Any], custom_objects: Any = None) -> "Ranker":
         """A new ranker of the same spec and config, with its variables built (and freshly initialized)."""
         return build_ranker(DatasetSpec.from_dict(config["spec"]), RankerConfig.from_dict(config["config"]))
+
+
+def output_bias(task: TaskSpec, mode: str = "label_prior") -> float:
+    """The initial bias of `task`'s logit layer under `RankerConfig.output_bias` `mode` (see RankerConfig).
+
+    Args:
+        task: The task; its `label_mean` is the training prior.
+        mode: "label_prior": log(p / (1 - p)) for a binary task of `label_mean` p, `label_mean` for a regression
+            task, 0 without a `label_mean`. "zero": 0.
+
+    Returns:
+        The bias: the logit for a binary task, the value for a regression task.
+
+    Raises:
+        ValueError: `mode` is not one of `models.config.OUTPUT_BIASES`.
+    """
+    if mode not in OUTPUT_BIASES:
+        raise ValueError(f"output_bias: `mode` must be one of {OUTPUT_BIASES}, got {mode!r}.")
+    if mode == "zero" or task.label_mean is None:
+        return 0.0
+    if task.kind == "binary":
+        # TaskSpec guarantees 0 < p < 1, so the log-odds is finite.
+        return math.log(task.label_mean / (1.0 - task.label_mean))
+    return task.label_mean
 
 
 def _ranking_task(task: TaskSpec) -> tfrs.tasks.Ranking:

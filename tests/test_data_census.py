@@ -46,6 +46,14 @@ def test_task_label_rates(split_columns):
     assert held_out["never_married"].sum() == 43_143
 
 
+def test_label_means_are_the_training_positive_rates(splits, split_columns):
+    train_labels = split_columns["train"][1]
+    for task in splits.spec.tasks:
+        assert task.label_mean == pytest.approx(np.nanmean(train_labels[task.label_key].astype(np.float64)), abs=1e-12)
+    assert splits.spec.task("income_50k").label_mean == pytest.approx(12_382 / 199_523, abs=1e-12)
+    assert splits.spec.task("never_married").label_mean == pytest.approx(86_485 / 199_523, abs=1e-12)
+
+
 def test_splits_keep_file_order(split_columns):
     train_age = np.array(raw_column(census.TRAIN_FILE, 0), dtype=np.float32)
     test_age = np.array(raw_column(census.TEST_FILE, 0), dtype=np.float32)
@@ -117,6 +125,8 @@ def test_small_files_load_with_the_expected_labels(tmp_path):
     assert splits.sizes == {"train": 2, "validation": 1, "test": 0}
     _, labels = columns(splits.train)
     assert labels["income_50k"].tolist() == [1.0, 0.0] and labels["never_married"].tolist() == [1.0, 1.0]
+    # A positive rate of 1 has no finite log-odds: that task gets no prior.
+    assert [task.label_mean for task in splits.spec.tasks] == [0.5, None]
 
 
 @pytest.mark.parametrize(

@@ -49,6 +49,14 @@ def test_label_rates_match_the_published_rating_distribution(train_and_test):
     np.testing.assert_array_equal(labels["love"], labels["rating"] == 5)
 
 
+def test_label_means_are_the_training_labels_means(splits, train_and_test):
+    (_, train_labels), _ = train_and_test
+    for task in splits.spec.tasks:
+        assert task.label_mean == pytest.approx(np.nanmean(train_labels[task.label_key].astype(np.float64)), abs=1e-12)
+    # Not the means over all 100k ratings (3.52986, 0.554, 0.212): the test split's labels do not leak in.
+    assert splits.spec.task("rating").label_mean != pytest.approx(3.52986, abs=1e-3)
+
+
 def test_examples_are_in_timestamp_order_and_test_is_newer(splits, train_and_test, ratings_by_time):
     (train_features, train_labels), (test_features, test_labels) = train_and_test
     ratings = np.array([rating for _, _, rating, _ in ratings_by_time])
@@ -130,6 +138,8 @@ def test_small_files_map_new_users_and_tokens_to_oov(tmp_path):
     (train, train_labels), (test, test_labels) = columns(splits.train), columns(splits.test)
     np.testing.assert_array_equal(train_labels["rating"], [3, 5, 4, 1])
     assert test_labels["rating"].tolist() == [2]
+    # Train ratings 3, 5, 4, 1: mean 13 / 4; 2 of 4 are >= 4; 1 of 4 is 5. The test rating (2) is left out.
+    assert [task.label_mean for task in splits.spec.tasks] == [3.25, 0.5, 0.25]
     vocab = splits.vocabularies
     assert [vocab["user_id"][i] for i in train["user_id"]] == ["2", "1", "1", "2"]
     assert test["user_id"].tolist() == [0]  # user 3 rates only after the split

@@ -3,11 +3,14 @@
 `assert_follows_spec` is shared: the dataset test modules import it and run it on the datasets they load.
 """
 
+import re
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from tfrs_clippy import data
+from tfrs_clippy.data.spec import training_label_mean
 
 
 def columns(dataset: tf.data.Dataset):
@@ -64,3 +67,37 @@ def test_follows_spec_rejects_a_dataset_that_breaks_the_conventions():
     )
     with pytest.raises(AssertionError):
         assert_follows_spec(wrong_dtype, spec)
+
+
+def test_label_mean_is_validated_naming_the_task_the_field_and_the_value():
+    assert data.TaskSpec("click", "binary", label_mean=0.25).label_mean == 0.25
+    assert data.TaskSpec("rating", "regression", label_mean=-3).label_mean == -3.0
+    for kind, bad in [
+        ("binary", 0.0), ("binary", 1.0), ("binary", 1.5), ("binary", -0.1),
+        ("regression", float("nan")), ("regression", float("inf")), ("regression", "3.5"), ("regression", True),
+    ]:  # fmt: skip
+        with pytest.raises(ValueError, match=r"TaskSpec 'task': `label_mean` .*got " + re.escape(repr(bad))):
+            data.TaskSpec("task", kind, label_mean=bad)
+
+
+def test_label_mean_round_trips_and_old_dicts_without_it_still_load():
+    spec = data.DatasetSpec(
+        features=(data.FeatureSpec(name="item", kind="categorical", vocabulary_size=3, embedding_dim=2),),
+        # A numpy scalar, as a loader computes it, is stored as a float so that the spec serializes to JSON.
+        tasks=(data.TaskSpec("click", "binary", label_mean=np.float32(0.25)), data.TaskSpec("rating", "regression")),
+    )
+    assert type(spec.task("click").label_mean) is float
+    assert data.DatasetSpec.from_json(spec.to_json()) == spec
+    assert data.DatasetSpec.from_dict(spec.to_dict()).task("click").label_mean == 0.25
+    old = spec.to_dict()
+    for task in old["tasks"]:
+        del task["label_mean"]
+    assert [task.label_mean for task in data.DatasetSpec.from_dict(old).tasks] == [None, None]
+
+
+def test_training_label_mean_skips_nan_labels_and_degenerate_rates():
+    assert training_label_mean("regression", np.array([1.0, np.nan, 4.0])) == 2.5
+    assert training_label_mean("binary", np.array([1.0, 0.0, np.nan, 0.0, 0.0])) == 0.25
+    assert training_label_mean("regression", np.array([np.nan, np.nan])) is None
+    assert training_label_mean("binary", np.array([1.0, np.nan, 1.0])) is None  # log-odds would be infinite
+    assert training_label_mean("binary", np.zeros(3)) is None

@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from test_data_spec import columns
 from tfrs_clippy import data
@@ -100,6 +101,35 @@ def test_labels_have_sensible_rates_and_drift_changes_them_over_time():
     assert regression_gap[start].mean() < 0.1
     assert regression_gap[end].mean() > 0.5
     assert np.mean(drifting["binary_0"][end] != still["binary_0"][end]) > 0.1
+
+
+def test_label_means_come_from_the_first_16384_training_examples():
+    splits = data.synthetic(num_train=20_000, num_test=0, vocabulary_sizes=(1_000,))
+    _, labels = columns(splits.train)
+    for task in splits.spec.tasks:
+        first = labels[task.label_key][:16_384].astype(np.float64)
+        assert task.label_mean == pytest.approx(np.nanmean(first), abs=1e-12), task.name
+        assert task.label_mean != np.nanmean(labels[task.label_key].astype(np.float64)), task.name
+    # A training split shorter than that: all of it (5,000 examples, two chunks, the second one cut).
+    short = data.synthetic(num_train=5_000, num_test=100, vocabulary_sizes=(1_000,))
+    _, short_labels = columns(short.train)
+    for task in short.spec.tasks:
+        assert task.label_mean == pytest.approx(np.nanmean(short_labels[task.label_key].astype(np.float64)), abs=1e-12)
+
+
+def test_label_means_are_the_same_when_the_stream_is_built_while_a_function_is_traced():
+    """A per-worker dataset_fn (ParameterServerStrategy) calls synthetic() while tracing, where tensors are symbolic."""
+    arguments = {"num_train": 5_000, "num_test": 0, "vocabulary_sizes": (1_000,), "seed": 7}
+    traced = {}
+
+    @tf.function
+    def build():
+        traced["spec"] = data.synthetic(**arguments).spec
+        return tf.constant(0)
+
+    build()
+    assert traced["spec"] == data.synthetic(**arguments).spec
+    assert all(task.label_mean is not None for task in traced["spec"].tasks)
 
 
 @pytest.mark.parametrize(

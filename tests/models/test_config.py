@@ -38,6 +38,12 @@ def test_dict_round_trip_and_preset_key():
     assert json.loads(json.dumps(as_dict)) == as_dict
     assert RankerConfig.from_dict(as_dict) == config
     assert RankerConfig.from_dict({"preset": "large_dcn", "scale": 0.25}) == RankerConfig.preset("large_dcn", scale=0.25)
+    assert as_dict["output_bias"] == "label_prior"  # the default
+    zero = RankerConfig.preset("small", output_bias="zero")
+    assert zero.to_dict()["output_bias"] == "zero" and RankerConfig.from_dict(zero.to_dict()) == zero
+    # A dict saved before the field existed loads with the default.
+    del as_dict["output_bias"]
+    assert RankerConfig.from_dict(as_dict) == config
 
 
 def test_load_from_yaml_and_json(tmp_path):
@@ -64,6 +70,7 @@ def test_load_from_yaml_and_json(tmp_path):
         ({"cross_projection_dim": 0}, r"`cross_projection_dim` must be None or an integer >= 1, got 0"),
         ({"cross_placement": "diagonal"}, r"`cross_placement` must be one of .*'diagonal'"),
         ({"multi_hot_combiner": "max"}, r"`multi_hot_combiner` must be one of .*'max'"),
+        ({"output_bias": "mean"}, r"`output_bias` must be one of \('zero', 'label_prior'\), got 'mean'"),
         ({"scale": 0}, r"`scale` must be a finite number > 0, got 0"),
         ({"task_weights": {"click": -1.0}}, r"`task_weights\['click'\]` must be a number >= 0, got -1.0"),
         ({"activation": "wiggle"}, r"unknown `activation` 'wiggle'"),

