@@ -7,6 +7,7 @@ order, and the `DatasetSpec` that describes them; `make_pipeline` batches them f
 from tfrs_clippy.data.census import census_income
 from tfrs_clippy.data.movielens import movielens_100k
 from tfrs_clippy.data.pipeline import make_pipeline
+from tfrs_clippy.data.shock import shock_stream
 from tfrs_clippy.data.spec import DatasetSpec, FeatureSpec, TaskSpec
 from tfrs_clippy.data.synthetic import synthetic
 from tfrs_clippy.data.tables import OOV_TOKEN, DataError, MissingDataPackageError, Splits
@@ -22,5 +23,6 @@ __all__ = [
     "census_income",
     "make_pipeline",
     "movielens_100k",
+    "shock_stream",
     "synthetic",
 ]
