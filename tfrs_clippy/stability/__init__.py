@@ -4,9 +4,11 @@
 - `RollbackOnDivergence`: restore a snapshot from before a spike, skip batches, optionally lower the learning rate.
 - `SharpnessMonitor` / `largest_hessian_eigenvalue`: lambda_max of the Hessian (plain and Adagrad-preconditioned)
   against 2 / learning rate.
+- `AdagradStepLogger`: per variable ||g||_2 and ||lr r||_inf of chosen steps, read from the accumulators.
 - `ClippingFactorLogger` / `plot_clipping_factors`: the optimizer's per-variable clipping factors over steps.
 """
 
+from tfrs_clippy.stability.adagrad_steps import AdagradStepLogger, AdagradStepRecord, learning_rate_at
 from tfrs_clippy.stability.clipping_log import ClippingFactorLogger, ClippingFactorRecord, plot_clipping_factors
 from tfrs_clippy.stability.monitor import (
     BatchLossReader,
@@ -31,6 +33,8 @@ from tfrs_clippy.stability.sharpness import (
 )
 
 __all__ = [
+    "AdagradStepLogger",
+    "AdagradStepRecord",
     "BatchLossReader",
     "ClippingFactorLogger",
     "ClippingFactorRecord",
@@ -49,6 +53,7 @@ __all__ = [
     "detect_divergence",
     "hessian_vector_product",
     "largest_hessian_eigenvalue",
+    "learning_rate_at",
     "plot_clipping_factors",
     "plot_divergence",
     "plot_sharpness",

@@ -1,0 +1,709 @@
+"""The stress benchmark: a multitask ranker that trains fine until the data shifts mid-run, with every method.
+
+Each run trains a shared-bottom ranker (2 x 256 ReLU, one 64-unit tower per task, output biases at the label
+prior) for one pass in time order over `tfrs_clippy.data.shock_stream` (6 days, batch 512, 300 steps, a 50-step
+linear learning-rate warm-up, Adagrad with accumulator start 0.1), with one method of the Clippy paper on the
+non-embedding parameters: naive Adagrad, layer-wise gradient clipping (GC), adaptive gradient clipping (AGC),
+LAMB on Adagrad, or Clippy (the paper's setting, untuned). The shock starts at step 150; the control stream is
+identical without it. Every run is also judged for divergence (docs/stress.md gives the rules).
+
+Stages (`--stage`):
+- `evaluate` (default): `--methods` x `--lr-multipliers` x (`--shock` and its control) x `--seeds` seeds from
+  `--seed-offset`. Baselines use the grid point `tune` chose (`--tuning`). Writes summary.json, table.md, the
+  loss around the shock (Fig. 5), per-layer step sizes and factors at the shock (Fig. 4), Clippy's factors
+  (Fig. 6) and, with several multipliers, the learning-rate sensitivity (final loss and AUC against the rate).
+- `calibrate`: naive Adagrad on the control stream over a learning-rate grid, on the tuning seeds: 1x is the
+  largest rate at which naive survives in >= 4 of 5 seeds. Writes calibration.json.
+- `tune`: GC, AGC and LAMB on the paper's grids, at each multiplier, on the shock stream and the tuning seeds;
+  picks per (method, multiplier) the point with the best mean held-out AUC. Writes tuning.json.
+- `rollback`: naive Adagrad with and without `RollbackOnDivergence` (snapshot, skip batches, halve the rate).
+- `ablation`: naive Adagrad at `--lr-multipliers` on variants of the model and tasks (the paper's Table 3).
+
+    TF_USE_LEGACY_KERAS=1 .venv/bin/python scripts/stress.py --seeds 3 --out results/stress   # the demo
+    TF_USE_LEGACY_KERAS=1 .venv/bin/python scripts/stress.py --stage calibrate --out results/stress
+
+Runs are cached in `<out>/runs/<key>.json` (key: a hash of the run's config), so an interrupted command resumes.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TF_USE_LEGACY_KERAS"] = "1"  # the rankers are tfrs.Models: Keras 2 only
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import math  # noqa: E402
+import pathlib  # noqa: E402
+import platform  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from typing import Any, Iterator, Sequence  # noqa: E402
+
+
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """Sends file descriptor 2 to /dev/null: TensorFlow's C++ start-up lines bypass every Python log setting."""
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+with _stderr_silenced():
+    import numpy as np
+    import tensorflow as tf
+
+    import models
+    from tfrs_clippy import reporting
+    from tfrs_clippy.data import make_pipeline, shock_stream
+    from tfrs_clippy.data.shock import SHOCKS
+    from tfrs_clippy.keras_runtime import keras
+    from tfrs_clippy.optimizers import PAPER_GRIDS, LinearWarmup, build_optimizer
+    from tfrs_clippy.stability import AdagradStepLogger, DivergenceMonitor, RollbackOnDivergence
+    from tfrs_clippy.stability import _plotting
+
+REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
+tf.get_logger().setLevel("ERROR")  # each run's new evaluate function is a retrace Keras warns about
+RECORD_VERSION = 2
+"""Part of every run's config, hence of its key: bump it when a change to this script changes results."""
+
+STAGES = ("evaluate", "calibrate", "tune", "rollback", "ablation")
+METHODS = ("naive", "gc", "agc", "lamb", "clippy")
+TUNED_METHODS = ("gc", "agc", "lamb")
+STREAM = {"num_days": 6, "examples_per_day": 25_600, "shock_day": 3}
+BATCH_SIZE = 512
+SHOCK_STEP = STREAM["shock_day"] * STREAM["examples_per_day"] // BATCH_SIZE
+WARMUP_STEPS = 50
+RANKER = {"bottom": "shared_bottom", "bottom_units": (256, 256), "tower_units": (64,)}
+PRE_SHOCK_STEPS = 20
+"""The pre-shock loss level is the median of the losses of this many steps before the shock."""
+STEP_WINDOW = range(SHOCK_STEP - 5, SHOCK_STEP + 30)
+"""The steps whose per-layer ||g||_2, ||lr r||_inf and clipping factors are recorded."""
+
+
+def set_examples_per_day(examples_per_day: int) -> None:
+    """Resizes the stream's days (tests use tiny ones); the shock stays at the start of day 3."""
+    global SHOCK_STEP, STEP_WINDOW  # pylint: disable=global-statement
+    STREAM["examples_per_day"] = examples_per_day
+    SHOCK_STEP = STREAM["shock_day"] * examples_per_day // BATCH_SIZE
+    STEP_WINDOW = range(max(SHOCK_STEP - 5, 0), SHOCK_STEP + 30)
+TUNING_SEEDS = range(1000, 1005)
+"""Seeds of `calibrate` and `tune`; evaluation seeds start at --seed-offset (0) and must not overlap them."""
+CALIBRATION_LEARNING_RATES = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
+SURVIVAL_SEEDS_NEEDED = 4
+ABLATIONS = {
+    "base": {},
+    "smaller (64 x 2)": {"ranker": {"bottom_units": (64, 64)}},
+    "wider (512 x 2)": {"ranker": {"bottom_units": (512, 512)}},
+    "deeper (256 x 4)": {"ranker": {"bottom_units": (256,) * 4}},
+    "+DCN": {"ranker": {"cross_layers": 1}},
+    "one task fewer": {"tasks": {"base_rates": (0.3, 0.1, 0.03), "regression": False}},
+    "two tasks fewer": {"tasks": {"base_rates": (0.3, 0.1), "regression": False}},
+}
+DEFAULT_TUNING = REPOSITORY / "docs" / "stress" / "tune" / "dormant_features" / "tuning.json"
+DEFAULT_CALIBRATION = REPOSITORY / "docs" / "stress" / "calibrate" / "calibration.json"
+"""The committed results of `make stress` (`--out docs/stress`), which later commands read by default."""
+ROLLBACK = {"lr_factor": 0.5, "skip_batches": 10, "snapshot_every_n_steps": 5}
+
+
+# Plans --------------------------------------------------------------------------------------------------------
+
+
+def run_config(method: str, multiplier: float, base_learning_rate: float, shock: str, seed: int,
+               hyperparameters: dict | None = None, variant: str = "base", rollback: bool = False) -> dict[str, Any]:
+    """Everything a run's result depends on (its key is `reporting.config_key` of it)."""
+    return {
+        "version": RECORD_VERSION,
+        "shock": shock,
+        "method": method,
+        "hyperparameters": hyperparameters or {},
+        "lr_multiplier": multiplier,
+        "learning_rate": base_learning_rate * multiplier,
+        "seed": seed,
+        "variant": variant,
+        "rollback": dict(ROLLBACK) if rollback else None,
+        "examples_per_day": STREAM["examples_per_day"],
+    }
+
+
+def tuned_hyperparameters(tuning: dict, method: str, multiplier: float) -> dict:
+    """The grid point `tune` chose for (method, multiplier); Clippy's paper setting; nothing for naive."""
+    if method not in TUNED_METHODS:
+        return dict(PAPER_GRIDS[method][0])
+    chosen = tuning.get(method, {}).get(reporting.format_multiplier(multiplier))
+    if chosen is None:
+        raise ValueError(
+            f"--tuning has no tuned setting for {method} at {reporting.format_multiplier(multiplier)}: run "
+            f"`scripts/stress.py --stage tune --lr-multipliers {multiplier:g}` first."
+        )
+    return chosen
+
+
+def plan(args: argparse.Namespace, base: float, tuning: dict) -> list[dict[str, Any]]:
+    """The runs of the command's stage, ordered seed by seed so each stream is generated once."""
+    seeds = range(args.seed_offset, args.seed_offset + args.seeds)
+    shocks = [args.shock] if args.shock == "none" or args.no_control else [args.shock, "none"]
+    configs = []
+    if args.stage == "evaluate":
+        for seed in seeds:
+            for shock in shocks:
+                for method in args.methods:
+                    for multiplier in args.lr_multipliers:
+                        hyperparameters = tuned_hyperparameters(tuning, method, multiplier)
+                        configs.append(run_config(method, multiplier, base, shock, seed, hyperparameters))
+    elif args.stage == "calibrate":
+        configs = [run_config("naive", rate / base, base, "none", seed)
+                   for seed in TUNING_SEEDS for rate in CALIBRATION_LEARNING_RATES]
+    elif args.stage == "tune":
+        configs = [run_config(method, multiplier, base, args.shock, seed, point)
+                   for seed in list(TUNING_SEEDS)[:args.seeds] for method in TUNED_METHODS
+                   for point in PAPER_GRIDS[method] for multiplier in args.lr_multipliers]
+    elif args.stage == "rollback":
+        configs = [run_config("naive", multiplier, base, args.shock, seed, rollback=rollback)
+                   for seed in seeds for multiplier in args.lr_multipliers for rollback in (False, True)]
+    elif args.stage == "ablation":
+        configs = [run_config("naive", multiplier, base, shock, seed, variant=variant)
+                   for seed in seeds for variant in ABLATIONS for shock in shocks for multiplier in args.lr_multipliers]
+    return configs
+
+
+# One run ------------------------------------------------------------------------------------------------------
+
+
+class StreamCache:
+    """The latest (shock, seed, tasks) streams: the spec, the batched train data in memory, the held-out batch."""
+
+    def __init__(self, size: int = 2) -> None:
+        self.size = size
+        self._entries: dict[tuple, tuple] = {}
+
+    def get(self, shock: str, seed: int, tasks: dict) -> tuple:
+        key = (shock, seed, tuple(sorted((name, str(value)) for name, value in tasks.items())))
+        if key not in self._entries:
+            if len(self._entries) >= self.size:
+                self._entries.pop(next(iter(self._entries)))
+            splits = shock_stream(shock=shock, seed=seed, **STREAM, **tasks)
+            train = make_pipeline(splits.train, BATCH_SIZE, prefetch=False).cache()
+            test = next(iter(make_pipeline(splits.test, splits.sizes["test"], prefetch=False)))
+            for _ in train:  # fill the cache once, so every method reads the same tensors
+                pass
+            self._entries[key] = (splits.spec, train, test)
+        return self._entries[key]
+
+
+def readable_names(ranker: models.Ranker) -> dict[str, str]:
+    """Variable name -> "bottom/dense/kernel", "tower_binary_0/dense_3/bias", "cross/...", "embedding/..."."""
+    parts = [("embedding", ranker.embedding), ("cross", ranker.cross_network), ("bottom", ranker.bottom),
+             *((f"tower_{task}", tower) for task, tower in ranker.towers.items())]
+    names = {}
+    for part, layer in parts:
+        for variable in layer.trainable_variables if layer is not None else []:
+            names[variable.name] = "/".join([part, *variable.name.split(":")[0].split("/")[-2:]])
+    return names
+
+
+def dead_unit_fraction(ranker: models.Ranker, features: dict) -> float:
+    """The share of the shared bottom's ReLU units that output 0 on every example of `features`."""
+    inputs = ranker.embedding(features)
+    if ranker.cross_network is not None:
+        inputs = ranker.cross_network(inputs)
+    dead, total = 0, 0
+    for layer in ranker.bottom.mlp.layers:
+        inputs = layer(inputs)
+        active = tf.reduce_max(inputs, axis=0) > 0
+        dead += int(tf.reduce_sum(tf.cast(~active, tf.int32)))
+        total += int(active.shape[0])
+    return dead / total
+
+
+def peak_loss_ratio(losses: Sequence[float]) -> float:
+    """The largest loss from the shock on over the median of the `PRE_SHOCK_STEPS` losses before it (inf: NaN)."""
+    after = np.asarray(losses[SHOCK_STEP:], dtype=np.float64)
+    if not np.all(np.isfinite(after)):
+        return math.inf
+    return float(after.max() / np.median(losses[max(SHOCK_STEP - PRE_SHOCK_STEPS, 0):SHOCK_STEP]))
+
+
+def train_run(config: dict[str, Any], cache: StreamCache) -> dict[str, Any]:
+    """Trains and evaluates one run and returns its record."""
+    started = time.perf_counter()
+    variant = ABLATIONS[config["variant"]]
+    spec, train, test = cache.get(config["shock"], config["seed"], variant.get("tasks", {}))
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(config["seed"])
+    ranker = models.build_ranker(spec, models.RankerConfig(**{**RANKER, **variant.get("ranker", {})}))
+    names = readable_names(ranker)
+    # Unfused dense steps: at these widths XLA's compile time per run exceeds what it saves in 300 steps.
+    optimizer = build_optimizer(config["method"], LinearWarmup(config["learning_rate"], WARMUP_STEPS),
+                                export_clipping_factors=True, fuse_dense_updates=False, **config["hyperparameters"])
+    ranker.compile(optimizer=optimizer)
+    if config["rollback"]:
+        rollback = config["rollback"]
+        monitor = RollbackOnDivergence(lr_factor=rollback["lr_factor"], skip_batches=rollback["skip_batches"],
+                                       snapshot_every_n_steps=rollback["snapshot_every_n_steps"])
+    else:
+        monitor = DivergenceMonitor()
+    steps = AdagradStepLogger(steps=STEP_WINDOW, name_of=lambda variable: names.get(variable.name, variable.name))
+    ranker.fit(train, epochs=1, verbose=0, callbacks=[monitor, steps])
+    evaluation = ranker.evaluate(tf.data.Dataset.from_tensors(test), return_dict=True, verbose=0)
+    tasks = {task.name: task.kind for task in spec.tasks}
+    metrics = {name: float(evaluation[name]) for name in reporting.metric_names(tasks)}
+    held_out_features, held_out_labels = test
+    constant_rmse = {
+        f"{task.name}_rmse": float(np.sqrt(np.mean((held_out_labels[task.name].numpy() - task.label_mean) ** 2)))
+        for task in spec.tasks if task.kind == "regression"
+    }
+    losses = [float(loss) for loss in monitor.record.losses]
+    verdict = reporting.classify_run(losses, metrics, constant_rmse=constant_rmse)
+    finite = [loss if math.isfinite(loss) else math.inf for loss in losses]
+    record = {
+        "key": reporting.config_key(config),
+        "config": config,
+        "tasks": tasks,
+        "metrics": metrics,
+        "constant_rmse": constant_rmse,
+        "losses": losses,
+        "verdict": verdict.to_dict(),
+        "diverged": verdict.diverged,
+        "micro_after_shock": sum(event.kind == "micro" and event.start_step >= SHOCK_STEP
+                                 for event in monitor.record.events),
+        "peak_loss_ratio": peak_loss_ratio(losses),
+        "peak_step": int(np.argmax(finite)),
+        "dead_unit_fraction": dead_unit_fraction(ranker, held_out_features),
+        "steps": {"steps": steps.record.steps, **steps.record.values},
+        "nonfinite_steps_skipped": int(optimizer.nonfinite_steps.numpy()),
+        "rollbacks": monitor.rollbacks if isinstance(monitor, RollbackOnDivergence) else None,
+        "seconds": time.perf_counter() - started,
+    }
+    return record
+
+
+# Running ------------------------------------------------------------------------------------------------------
+
+
+def describe(config: dict[str, Any]) -> str:
+    """E.g. "dormant_features gc(threshold=0.01) lr=2x (0.4) seed=1" (+ variant, + " rollback")."""
+    settings = ",".join(f"{name}={value:g}" for name, value in sorted(config["hyperparameters"].items()))
+    method = f"{config['method']}({settings})" if settings and config["method"] != "clippy" else config["method"]
+    text = (f"{config['shock']} {method} lr={reporting.format_multiplier(config['lr_multiplier'])} "
+            f"({config['learning_rate']:g}) seed={config['seed']}")
+    if config["variant"] != "base":
+        text += f" [{config['variant']}]"
+    return text + (" rollback" if config["rollback"] else "")
+
+
+def format_duration(seconds: float) -> str:
+    """75 -> "1m15s"."""
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+def outcome(record: dict[str, Any]) -> str:
+    """The progress line's summary of a run."""
+    aucs = [value for name, value in record["metrics"].items() if name.endswith("_auc")]
+    state = f"DIVERGED({record['verdict']['reason']})" if record["diverged"] else "ok"
+    return (f"mean AUC {np.mean(aucs):.4f} peak x{record['peak_loss_ratio']:.3g} "
+            f"dead {100 * record['dead_unit_fraction']:.0f}% {state}")
+
+
+def run_all(configs: list[dict[str, Any]], runs_dir: pathlib.Path) -> list[dict[str, Any]]:
+    """Runs (or reads back) every config with a progress line each; returns the records in config order."""
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    keys = [reporting.config_key(config) for config in configs]
+    to_compute = sum(not (runs_dir / f"{key}.json").exists() for key in keys)
+    cache, started, computed, records = StreamCache(), time.perf_counter(), 0, []
+    for index, (config, key) in enumerate(zip(configs, keys), start=1):
+        path = runs_dir / f"{key}.json"
+        prefix = f"[run {index}/{len(configs)}] {describe(config)}"
+        if path.exists():
+            record = reporting.read_json(path)
+            print(f"{prefix} ... cached: {outcome(record)}", flush=True)
+        else:
+            record = train_run(config, cache)
+            reporting.write_json_atomically(path, record)
+            computed += 1
+            elapsed = time.perf_counter() - started
+            remaining = elapsed / computed * (to_compute - computed)
+            print(f"{prefix} ... {outcome(record)} {record['seconds']:.1f}s "
+                  f"(elapsed {format_duration(elapsed)}, remaining ~{format_duration(remaining)})", flush=True)
+        records.append(record)
+    return records
+
+
+def summary_entry(record: dict[str, Any]) -> dict[str, Any]:
+    """A run's line of summary.json: its setting, verdict and measures, without the curves."""
+    config = record["config"]
+    return {
+        "method": config["method"], "hyperparameters": config["hyperparameters"],
+        "lr_multiplier": config["lr_multiplier"], "learning_rate": config["learning_rate"], "seed": config["seed"],
+        "shock": config["shock"], "variant": config["variant"], "rollback": config["rollback"] is not None,
+        "diverged": record["diverged"], "reason": record["verdict"]["reason"],
+        "micro_after_shock": record["micro_after_shock"], "peak_loss_ratio": record["peak_loss_ratio"],
+        "peak_step": record["peak_step"], "dead_unit_fraction": record["dead_unit_fraction"],
+        "rollbacks": record["rollbacks"], "metrics": record["metrics"], "key": record["key"],
+    }
+
+
+# Tables -------------------------------------------------------------------------------------------------------
+
+
+def mean_auc(record: dict[str, Any]) -> float:
+    return float(np.mean([value for name, value in record["metrics"].items() if name.endswith("_auc")]))
+
+
+def group(records: Sequence[dict[str, Any]], *fields: str) -> dict[tuple, list[dict[str, Any]]]:
+    """Records grouped by config fields, in first-seen order."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for record in records:
+        groups.setdefault(tuple(str(record["config"][field]) for field in fields), []).append(record)
+    return groups
+
+
+def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def mean_std(values: Sequence[float], digits: int = 3) -> str:
+    values = [value for value in values if math.isfinite(value)]
+    if not values:
+        return "-"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
+
+
+def ratio_text(values: Sequence[float]) -> str:
+    """Median and worst peak-loss ratio, e.g. "1.9 (4.2)"."""
+    return f"{np.median(values):.3g} ({max(values):.3g})"
+
+
+def setting_text(records: Sequence[dict[str, Any]]) -> str:
+    config = records[0]["config"]
+    settings = ", ".join(f"{name} {value:g}" for name, value in sorted(config["hyperparameters"].items()))
+    return f"{config['method']}" + (f" ({settings})" if settings and config["method"] in TUNED_METHODS else "")
+
+
+def comparison_table(records: Sequence[dict[str, Any]]) -> str:
+    """Per (method, multiplier): on the shock stream and on its control, divergence, peak, dead units, metrics."""
+    by_setting = group(records, "method", "lr_multiplier", "shock")
+    shocks = list(dict.fromkeys(record["config"]["shock"] for record in records))
+    regression = [name for name in records[0]["metrics"] if name.endswith("_rmse")]
+    header = ["method", "lr"]
+    for shock in shocks:
+        header += [f"{shock}: diverged", "micro", "peak loss ratio, median (worst)", "dead units", "mean AUC"]
+        header += [f"{name[:-5]} RMSE" for name in regression]
+    rows = []
+    for (method, multiplier) in dict.fromkeys((key[0], key[1]) for key in by_setting):
+        row = None
+        for shock in shocks:
+            runs = by_setting.get((method, multiplier, shock), [])
+            if not runs:
+                continue
+            if row is None:
+                row = [setting_text(runs), reporting.format_multiplier(float(multiplier))]
+            row += [f"{sum(run['diverged'] for run in runs)}/{len(runs)}",
+                    f"{np.mean([run['micro_after_shock'] for run in runs]):.1f}",
+                    ratio_text([run["peak_loss_ratio"] for run in runs]),
+                    f"{100 * np.mean([run['dead_unit_fraction'] for run in runs]):.0f}%",
+                    mean_std([mean_auc(run) for run in runs])]
+            row += [mean_std([run["metrics"][name] for run in runs]) for name in regression]
+        rows.append(row)
+    return markdown(header, rows)
+
+
+def plot_losses(records: Sequence[dict[str, Any]], path: pathlib.Path, multiplier: float, shock: str) -> str:
+    """The median (over seeds) training loss per method around the shock (the paper's Figure 5), to a PNG."""
+    runs = [record for record in records
+            if record["config"]["lr_multiplier"] == multiplier and record["config"]["shock"] == shock]
+    figure, axes = _plotting.pyplot().subplots(figsize=(8, 4.5))
+    steps = np.arange(len(runs[0]["losses"]))
+    for (method, _), group_runs in group(runs, "method", "lr_multiplier").items():
+        losses = np.array([run["losses"] for run in group_runs], dtype=np.float64)
+        losses[~np.isfinite(losses)] = np.nan
+        diverged = sum(run["diverged"] for run in group_runs)
+        axes.plot(steps, np.nanmedian(losses, axis=0), linewidth=1.0,
+                  label=f"{setting_text(group_runs)}: {diverged}/{len(group_runs)} diverged")
+    axes.axvline(SHOCK_STEP, color="black", linestyle=":", linewidth=1, label=f"shock ({shock})")
+    axes.set_yscale("log")
+    axes.set_xlabel("step")
+    axes.set_ylabel("training loss (median over seeds)")
+    axes.set_title(f"Loss around the shock, lr {reporting.format_multiplier(multiplier)}")
+    axes.legend(fontsize=7)
+    return _plotting.save_png(figure, str(path))
+
+
+def layer_values(record: dict[str, Any], quantity: str, step: int) -> dict[str, float]:
+    """{variable: value} of one recorded quantity at `step`, kernels only (biases have no width to compare)."""
+    index = record["steps"]["steps"].index(step)
+    return {name: values[index] for name, values in record["steps"].get(quantity, {}).items()
+            if name.endswith("kernel")}
+
+
+def plot_shock_layers(records: Sequence[dict[str, Any]], path: pathlib.Path, multiplier: float, shock: str) -> str:
+    """Per layer at the first step after the shock: ||g||_2, ||lr r||_inf and each method's factor (Fig. 4)."""
+    runs = [record for record in records if record["config"]["lr_multiplier"] == multiplier
+            and record["config"]["shock"] == shock and record["config"]["seed"] == records[0]["config"]["seed"]]
+    step = SHOCK_STEP + 1
+    quantities = (("grad_norm", "||g||_2"), ("max_update", "||lr r||_inf"), ("clipping_factor", "clipping factor"))
+    figure, axes = _plotting.pyplot().subplots(1, 3, figsize=(15, 4.5))
+    for axis, (quantity, title) in zip(axes, quantities):
+        for position, run in enumerate(runs):
+            values = layer_values(run, quantity, step)
+            layers = list(values)
+            offsets = np.arange(len(layers)) + position / (len(runs) + 1)
+            axis.bar(offsets, [values[layer] for layer in layers], width=1 / (len(runs) + 1),
+                     label=setting_text([run]))
+        axis.set_xticks(np.arange(len(layers)) + 0.4)
+        axis.set_xticklabels([layer.rsplit("/", 1)[0] for layer in layers], rotation=60, fontsize=6, ha="right")
+        axis.set_yscale("log")
+        axis.set_title(f"{title} at step {step}")
+    axes[0].legend(fontsize=7)
+    figure.suptitle(f"Per layer at the shock ({shock}), lr {reporting.format_multiplier(multiplier)}, "
+                    f"seed {runs[0]['config']['seed']}")
+    figure.tight_layout()
+    return _plotting.save_png(figure, str(path))
+
+
+def plot_clippy_factors(records: Sequence[dict[str, Any]], path: pathlib.Path, multiplier: float, shock: str) -> str:
+    """Clippy's clipping factor per layer over the recorded window around the shock (the paper's Figure 6)."""
+    run = next(record for record in records if record["config"]["method"] == "clippy"
+               and record["config"]["lr_multiplier"] == multiplier and record["config"]["shock"] == shock)
+    figure, axes = _plotting.pyplot().subplots(figsize=(8, 4.5))
+    for name, values in run["steps"]["clipping_factor"].items():
+        if name.endswith("kernel"):
+            axes.plot(run["steps"]["steps"], values, label=name.rsplit("/", 1)[0])
+    axes.axvline(SHOCK_STEP, color="black", linestyle=":", linewidth=1)
+    axes.set_yscale("log")
+    axes.set_xlabel("step")
+    axes.set_ylabel("clipping factor")
+    axes.set_title(f"Clippy's factors by layer, {shock}, lr {reporting.format_multiplier(multiplier)}, "
+                   f"seed {run['config']['seed']}")
+    axes.legend(fontsize=7)
+    return _plotting.save_png(figure, str(path))
+
+
+def calibration_report(records: Sequence[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """The sweep's table and its result: 1x, the largest rate naive survives on the control in >= 4 of 5 seeds."""
+    rows, survived = [], {}
+    for (rate,), runs in group(records, "learning_rate").items():
+        survived[float(rate)] = sum(not run["diverged"] for run in runs)
+        rows.append([f"{float(rate):g}", f"{survived[float(rate)]}/{len(runs)}",
+                     mean_std([mean_auc(run) for run in runs]), ratio_text([run["peak_loss_ratio"] for run in runs])])
+    stable = [rate for rate, count in survived.items() if count >= SURVIVAL_SEEDS_NEEDED]
+    result = {"base_learning_rate": max(stable) if stable else None, "survived": survived,
+              "seeds": list(TUNING_SEEDS), "rule": f"largest rate with >= {SURVIVAL_SEEDS_NEEDED} of "
+                                                    f"{len(TUNING_SEEDS)} seeds not diverged on the control"}
+    table = markdown(["learning rate", "survived", "mean AUC", "peak loss ratio, median (worst)"], rows)
+    return table, result
+
+
+def tuning_report(records: Sequence[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """Per (method, multiplier) each grid point's outcome on the tuning seeds, and the chosen point.
+
+    The choice: the point with the highest mean held-out AUC over the tuning seeds (a diverged run counts with its
+    AUC, so a setting that diverges is rarely chosen).
+    """
+    chosen: dict[str, dict[str, dict]] = {}
+    rows = []
+    for (method, multiplier), runs in group(records, "method", "lr_multiplier").items():
+        points = group(runs, "hyperparameters")
+        scores = {key: float(np.mean([mean_auc(run) for run in point])) for key, point in points.items()}
+        best = max(scores, key=scores.get)
+        label = reporting.format_multiplier(float(multiplier))
+        chosen.setdefault(method, {})[label] = points[best][0]["config"]["hyperparameters"]
+        for key, point in points.items():
+            rows.append([method, label, setting_text(point), f"{sum(run['diverged'] for run in point)}/{len(point)}",
+                         mean_std([mean_auc(run) for run in point]), "chosen" if key == best else ""])
+    return markdown(["method", "lr", "setting", "diverged", "mean AUC", ""], rows), chosen
+
+
+def rollback_table(records: Sequence[dict[str, Any]]) -> str:
+    rows = []
+    for (multiplier, rollback), runs in group(records, "lr_multiplier", "rollback").items():
+        rows.append([reporting.format_multiplier(float(multiplier)), "yes" if rollback != "None" else "no",
+                     f"{sum(run['diverged'] for run in runs)}/{len(runs)}",
+                     f"{np.mean([run['rollbacks'] or 0 for run in runs]):.1f}",
+                     ratio_text([run["peak_loss_ratio"] for run in runs]),
+                     f"{100 * np.mean([run['dead_unit_fraction'] for run in runs]):.0f}%",
+                     mean_std([mean_auc(run) for run in runs])])
+    return markdown(["lr", "rollback", "diverged", "rollbacks per run", "peak loss ratio, median (worst)",
+                     "dead units", "mean AUC"], rows)
+
+
+def ablation_table(records: Sequence[dict[str, Any]]) -> str:
+    rows = []
+    for (variant, shock, multiplier), runs in group(records, "variant", "shock", "lr_multiplier").items():
+        rows.append([variant, shock, reporting.format_multiplier(float(multiplier)),
+                     f"{sum(run['diverged'] for run in runs)}/{len(runs)}",
+                     ratio_text([run["peak_loss_ratio"] for run in runs]),
+                     f"{100 * np.mean([run['dead_unit_fraction'] for run in runs]):.0f}%",
+                     mean_std([mean_auc(run) for run in runs])])
+    return markdown(["variant", "stream", "lr", "diverged", "peak loss ratio, median (worst)", "dead units",
+                     "mean AUC"], rows)
+
+
+def final_loss(record: dict[str, Any]) -> float:
+    """The median loss of the last 10% of the steps (inf if any loss was non-finite)."""
+    losses = np.asarray(record["losses"], dtype=np.float64)
+    return float(np.median(losses[-len(losses) // 10:])) if np.all(np.isfinite(losses)) else math.inf
+
+
+def plot_sensitivity(records: Sequence[dict[str, Any]], path: pathlib.Path) -> str:
+    """Final training loss and mean held-out AUC against the learning rate, per method and stream (Wortsman et al.
+    2023: a method that widens the range of good rates is a method that makes training stable)."""
+    figure, (loss_axis, auc_axis) = _plotting.pyplot().subplots(1, 2, figsize=(12, 4.5))
+    for (method, shock), runs in group(records, "method", "shock").items():
+        by_rate = group(runs, "learning_rate")
+        rates = [float(rate) for (rate,) in by_rate]
+        style = dict(marker="o", linestyle="-" if shock != "none" else ":", label=f"{method}, {shock}")
+        loss_axis.plot(rates, [np.median([final_loss(run) for run in rate_runs]) for rate_runs in by_rate.values()],
+                       **style)
+        auc_axis.plot(rates, [np.mean([mean_auc(run) for run in rate_runs]) for rate_runs in by_rate.values()],
+                      **style)
+    for axis, label in ((loss_axis, "final training loss (median over seeds)"), (auc_axis, "mean held-out AUC")):
+        axis.set_xscale("log")
+        axis.set_xlabel("learning rate")
+        axis.set_ylabel(label)
+        axis.legend(fontsize=6)
+    loss_axis.set_yscale("log")
+    figure.suptitle("Learning-rate sensitivity (solid: shock stream, dotted: control)")
+    figure.tight_layout()
+    return _plotting.save_png(figure, str(path))
+
+
+# Command line -------------------------------------------------------------------------------------------------
+
+
+def comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parses and checks the command line; a bad value exits with a message naming the flag."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stage", default="evaluate", choices=STAGES)
+    parser.add_argument("--shock", default="dormant_features", choices=SHOCKS)
+    parser.add_argument("--no-control", action="store_true", help="do not also run the control stream")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, among " + ",".join(METHODS))
+    parser.add_argument("--lr-multipliers", default="1,2", help="comma-separated multipliers of 1x")
+    parser.add_argument("--seeds", type=int, default=5, help="number of evaluation seeds")
+    parser.add_argument("--seed-offset", type=int, default=0, help="the first evaluation seed")
+    parser.add_argument("--base-learning-rate", type=float, default=None,
+                        help=f"1x; default: the calibrated rate in {DEFAULT_CALIBRATION.relative_to(REPOSITORY)}")
+    parser.add_argument("--tuning", default=str(DEFAULT_TUNING), help="tuning.json of the tune stage")
+    parser.add_argument("--out", default="results/stress", help="output folder (tables, plots, summaries)")
+    parser.add_argument("--runs-dir", default=None, help="where run records are cached (default: <out>/runs)")
+    parser.add_argument("--examples-per-day", type=int, default=STREAM["examples_per_day"],
+                        help="examples per day of the 6-day stream (the shock starts on day 3)")
+    args = parser.parse_args(argv)
+    args.methods = comma_list(args.methods)
+    unknown = [method for method in args.methods if method not in METHODS]
+    if unknown or not args.methods:
+        parser.error(f"--methods must be among {METHODS}, got {args.methods}")
+    try:
+        args.lr_multipliers = [float(value) for value in comma_list(args.lr_multipliers)]
+    except ValueError:
+        parser.error(f"--lr-multipliers must be comma-separated numbers, got {args.lr_multipliers!r}")
+    if not args.lr_multipliers or not all(value > 0 and math.isfinite(value) for value in args.lr_multipliers):
+        parser.error(f"--lr-multipliers must be positive numbers, got {args.lr_multipliers}")
+    if args.seeds < 1:
+        parser.error(f"--seeds must be >= 1, got {args.seeds}")
+    evaluation_seeds = range(args.seed_offset, args.seed_offset + args.seeds)
+    if args.stage not in ("calibrate", "tune") and set(evaluation_seeds) & set(TUNING_SEEDS):
+        parser.error(f"--seed-offset {args.seed_offset} with --seeds {args.seeds} overlaps the tuning seeds "
+                     f"{TUNING_SEEDS.start}..{TUNING_SEEDS.stop - 1}")
+    if args.examples_per_day < BATCH_SIZE:
+        parser.error(f"--examples-per-day must be >= the batch size {BATCH_SIZE}, got {args.examples_per_day}")
+    if args.base_learning_rate is not None and not args.base_learning_rate > 0:
+        parser.error(f"--base-learning-rate must be > 0, got {args.base_learning_rate}")
+    return args
+
+
+def base_learning_rate(args: argparse.Namespace) -> float:
+    """--base-learning-rate, else the calibrated 1x (the calibrate stage sweeps absolute rates: 1x is 1)."""
+    if args.stage == "calibrate":
+        return 1.0
+    if args.base_learning_rate is not None:
+        return args.base_learning_rate
+    if not DEFAULT_CALIBRATION.exists():
+        raise SystemExit(f"No {DEFAULT_CALIBRATION}: run `scripts/stress.py --stage calibrate` or pass "
+                         "--base-learning-rate.")
+    return float(reporting.read_json(DEFAULT_CALIBRATION)["base_learning_rate"])
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPOSITORY, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_reports(args: argparse.Namespace, records: list[dict[str, Any]], out: pathlib.Path, base: float,
+                  seconds: float) -> str:
+    """Writes summary.json, table.md and the stage's plots and JSON; returns the Markdown report."""
+    reporting.write_json_atomically(out / "summary.json", [summary_entry(record) for record in records])
+    command = "scripts/stress.py " + " ".join(sys.argv[1:])
+    rates = "absolute learning rates" if args.stage == "calibrate" else f"1x = {base:g}"
+    lines = [f"Generated by `TF_USE_LEGACY_KERAS=1 python {command}` at commit {commit()}, in "
+             f"{format_duration(seconds)} on {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}, "
+             f"load average {os.getloadavg()[0]:.1f} at the end). "
+             f"{rates}; shock at step {SHOCK_STEP} of "
+             f"{len(records[0]['losses'])}; batch {BATCH_SIZE}; {WARMUP_STEPS}-step warm-up.", ""]
+    if args.stage == "evaluate":
+        lines.append(comparison_table(records))
+        if len(args.lr_multipliers) > 2:
+            plot_sensitivity(records, out / "sensitivity.png")
+        for multiplier in args.lr_multipliers:
+            label = reporting.format_multiplier(multiplier)
+            plot_losses(records, out / f"loss_{label}.png", multiplier, args.shock)
+            if args.shock != "none":
+                plot_shock_layers(records, out / f"layers_at_shock_{label}.png", multiplier, args.shock)
+                if "clippy" in args.methods:
+                    plot_clippy_factors(records, out / f"clippy_factors_{label}.png", multiplier, args.shock)
+    elif args.stage == "calibrate":
+        table, result = calibration_report(records)
+        lines.append(table)
+        lines += ["", f"1x = {result['base_learning_rate']} ({result['rule']})."]
+        reporting.write_json_atomically(out / "calibration.json", result)
+    elif args.stage == "tune":
+        table, chosen = tuning_report(records)
+        lines.append(table)
+        reporting.write_json_atomically(out / "tuning.json", chosen)
+    elif args.stage == "rollback":
+        lines.append(rollback_table(records))
+    elif args.stage == "ablation":
+        lines.append(ablation_table(records))
+    report = "\n".join(lines) + "\n"
+    (out / "table.md").write_text(report, encoding="utf-8")
+    return report
+
+
+def main(argv: Sequence[str]) -> int:
+    args = parse_args(argv)
+    set_examples_per_day(args.examples_per_day)
+    out = pathlib.Path(args.out) / args.stage
+    if args.stage != "calibrate":  # the calibration sweep always runs on the control stream
+        out = out / args.shock
+    base = base_learning_rate(args)
+    tuning = reporting.read_json(args.tuning) if pathlib.Path(args.tuning).exists() else {}
+    try:
+        configs = plan(args, base, tuning)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    started = time.perf_counter()
+    print(f"{len(configs)} runs ({args.stage}); results in {out}", flush=True)
+    # One folder for every stage: a run that two stages plan is trained once.
+    records = run_all(configs, pathlib.Path(args.runs_dir or pathlib.Path(args.out) / "runs"))
+    print(write_reports(args, records, out, base, time.perf_counter() - started), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
