@@ -116,6 +116,43 @@ def test_factory_leaves_embeddings_to_plain_adagrad_by_default():
     assert moved[True][0] == pytest.approx(moved[True][1], rel=1e-6)  # included: the table is clipped too
 
 
+CLIPPY_KEYS = ("variable_relative_threshold", "accumulator_relative_threshold", "absolute_threshold",
+               "use_standard_accumulator_update", "clip_accumulator_update")
+
+
+def _clippy_settings(optimizer) -> tuple:
+    config = optimizer.get_config()
+    return tuple(config[key] for key in CLIPPY_KEYS)
+
+
+def test_factory_defaults_clippy_to_the_paper_setting_and_the_class_keeps_tfrs_defaults():
+    paper = (0.5, 0.0, 1e-2, True, False)
+    assert _clippy_settings(build_optimizer("clippy", 0.1)) == paper
+    assert _clippy_settings(ClippyAdagrad.from_paper(0.1)) == paper
+    assert _clippy_settings(ClippyAdagrad(0.1)) == (0.1, 0.0, 1e-7, False, False)  # TFRS's, a drop-in
+    assert build_optimizer("clippy", 0.1).exclude_from_clipping == ["embedding"]  # as in the paper
+    # The grid point the scripts use is the same setting, named once.
+    assert PAPER_GRIDS["clippy"] == [{"variable_relative_threshold": 0.5, "absolute_threshold": 1e-2}]
+
+
+def test_factory_clippy_arguments_override_the_paper_setting():
+    frozen = build_optimizer("clippy", 0.1, variable_relative_threshold=0.1, absolute_threshold=1e-7)
+    assert _clippy_settings(frozen) == (0.1, 0.0, 1e-7, True, False)
+    delayed = build_optimizer("clippy", 0.1, use_standard_accumulator_update=False, clip_accumulator_update=True)
+    assert _clippy_settings(delayed) == (0.5, 0.0, 1e-2, False, True)
+    assert delayed.accumulator_update == "delayed_clipped"
+
+
+@pytest.mark.parametrize("overrides, move", [({}, 1e-2), ({"variable_relative_threshold": 0.1,
+                                                            "absolute_threshold": 1e-7}, 1e-7)])
+def test_factory_clippy_moves_a_tensor_with_a_zero_weight_by_its_absolute_threshold(overrides, move):
+    # One scale per tensor: the zero weight's bound lambda_abs caps the step of the whole tensor. Adagrad's step is
+    # 1 / sqrt(0.1 + 1) = 0.95, so the paper's 1e-2 moves it by 1e-2 and TFRS's 1e-7 leaves it frozen.
+    variable = tf.Variable([0.0, 1.0])
+    build_optimizer("clippy", 1.0, **overrides).apply_gradients([(tf.constant([1.0, 1.0]), variable)])
+    np.testing.assert_allclose(variable.numpy(), [-move, 1.0 - move], rtol=1e-4)
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_and_grid_point_round_trips(method):
     for hyperparameters in PAPER_GRIDS[method]:

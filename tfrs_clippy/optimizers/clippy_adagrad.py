@@ -9,7 +9,8 @@ from tfrs_clippy.optimizers import core
 from tfrs_clippy.optimizers.adapter import KerasAdapter
 from tfrs_clippy.optimizers.scaled_adagrad import check_non_negative
 
-# The paper's setting (Section 5, Algorithm 1): accumulate first, lambda_rel = 0.5, lambda_abs = 1e-2.
+# The paper's setting (Section 5, Algorithm 1): accumulate first, lambda_rel = 0.5, lambda_abs = 1e-2. The one
+# definition of it: `ClippyAdagrad.from_paper` and `build_optimizer("clippy", ...)` both default to it.
 PAPER_SETTING = dict(
     use_standard_accumulator_update=True,
     variable_relative_threshold=0.5,
@@ -31,8 +32,12 @@ class ClippyAdagrad(KerasAdapter):
     Arguments and defaults are TFRS's, so swapping TFRS's class for this one changes no number. Beyond TFRS:
     sparse gradients (`tf.IndexedSlices`) touch only their rows and sum repeated ids first; a NaN/Inf gradient is
     skipped and counted instead of reaching the weights; scales may be per slice (`clipping_axis`); variables can
-    be excluded by name; every argument survives `get_config`. For the paper's recommended setting use
-    `ClippyAdagrad.from_paper(learning_rate)`.
+    be excluded by name; every argument survives `get_config`.
+
+    TFRS's defaults (lambda_rel = 0.1, lambda_abs = 1e-7) can freeze a whole tensor when one of its weights is ~0
+    (a zero-initialized bias caps every coordinate's move at ~lambda_abs). For the paper's setting, `PAPER_SETTING`,
+    use `ClippyAdagrad.from_paper(learning_rate)`, or `build_optimizer("clippy", learning_rate)`, which also leaves
+    embedding tables to plain Adagrad as the paper does. `stability.OverClippingMonitor` warns about frozen tensors.
     """
 
     def __init__(

@@ -6,6 +6,7 @@
   against 2 / learning rate.
 - `AdagradStepLogger`: per variable ||g||_2 and ||lr r||_inf of chosen steps, read from the accumulators.
 - `ClippingFactorLogger` / `plot_clipping_factors`: the optimizer's per-variable clipping factors over steps.
+- `OverClippingMonitor` / `OverClippingWarning`: a warning per variable whose clipping factor stays near 0.
 """
 
 from tfrs_clippy.stability.adagrad_steps import AdagradStepLogger, AdagradStepRecord, learning_rate_at
@@ -21,6 +22,7 @@ from tfrs_clippy.stability.monitor import (
     detect_divergence,
     plot_divergence,
 )
+from tfrs_clippy.stability.over_clipping import OverClippingMonitor, OverClippingWarning
 from tfrs_clippy.stability.rollback import RollbackEvent, RollbackOnDivergence, Snapshot
 from tfrs_clippy.stability.sharpness import (
     SharpnessMonitor,
@@ -43,6 +45,8 @@ __all__ = [
     "DivergenceMonitor",
     "DivergenceRecord",
     "InstabilityScore",
+    "OverClippingMonitor",
+    "OverClippingWarning",
     "RollbackEvent",
     "RollbackOnDivergence",
     "SharpnessMonitor",
