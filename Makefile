@@ -35,7 +35,7 @@ demo: install
 
 # The full stress protocol, as committed in docs/stress/ (about 2 h on 2 cores): the 1x sweep, the baselines'
 # tuning on tuning seeds, then on 5 evaluation seeds the comparison (with its learning-rate sensitivity) on
-# every shock, the rollback stage, and the ablation.
+# every shock, the rollback stage, the ablation, and the sharpness around the shock.
 STRESS_FULL := $(STRESS) --out docs/stress --runs-dir results/stress/runs
 stress: install
 	$(STRESS_FULL) --stage calibrate
@@ -45,6 +45,7 @@ stress: install
 	  $(STRESS_FULL) --seeds 5 --shock $$shock --no-control --lr-multipliers 0.5,1; done
 	$(STRESS_FULL) --stage rollback --seeds 5 --lr-multipliers 0.5,1,2
 	$(STRESS_FULL) --stage ablation --seeds 3 --lr-multipliers 0.5 --no-control
+	$(STRESS_FULL) --stage sharpness --seeds 2 --methods naive,clippy --lr-multipliers 0.25,1
 
 # The paper's optimizer comparison on MovieLens-100K (results/ and PNG plots): the second, smaller result.
 reproduce: install

@@ -18,6 +18,8 @@ Stages (`--stage`):
   picks per (method, multiplier) the point with the best mean held-out AUC. Writes tuning.json.
 - `rollback`: naive Adagrad with and without `RollbackOnDivergence` (snapshot, skip batches, halve the rate).
 - `ablation`: naive Adagrad at `--lr-multipliers` on variants of the model and tasks (the paper's Table 3).
+- `sharpness`: `--methods` with a `SharpnessMonitor` every 25 steps on a fixed batch of the first post-shock day:
+  the plain and the Adagrad-preconditioned sharpness against 2 / learning rate, before and after the shock.
 
     TF_USE_LEGACY_KERAS=1 .venv/bin/python scripts/stress.py --seeds 3 --out results/stress   # the demo
     TF_USE_LEGACY_KERAS=1 .venv/bin/python scripts/stress.py --stage calibrate --out results/stress
@@ -34,6 +36,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
 import math  # noqa: E402
 import pathlib  # noqa: E402
 import platform  # noqa: E402
@@ -66,7 +69,7 @@ with _stderr_silenced():
     from tfrs_clippy.data.shock import SHOCKS
     from tfrs_clippy.keras_runtime import keras
     from tfrs_clippy.optimizers import PAPER_GRIDS, LinearWarmup, build_optimizer
-    from tfrs_clippy.stability import AdagradStepLogger, DivergenceMonitor, RollbackOnDivergence
+    from tfrs_clippy.stability import AdagradStepLogger, DivergenceMonitor, RollbackOnDivergence, SharpnessMonitor
     from tfrs_clippy.stability import _plotting
 
 REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
@@ -74,7 +77,7 @@ tf.get_logger().setLevel("ERROR")  # each run's new evaluate function is a retra
 RECORD_VERSION = 2
 """Part of every run's config, hence of its key: bump it when a change to this script changes results."""
 
-STAGES = ("evaluate", "calibrate", "tune", "rollback", "ablation")
+STAGES = ("evaluate", "calibrate", "tune", "rollback", "ablation", "sharpness")
 METHODS = ("naive", "gc", "agc", "lamb", "clippy")
 TUNED_METHODS = ("gc", "agc", "lamb")
 STREAM = {"num_days": 6, "examples_per_day": 25_600, "shock_day": 3}
@@ -111,13 +114,15 @@ DEFAULT_TUNING = REPOSITORY / "docs" / "stress" / "tune" / "dormant_features" / 
 DEFAULT_CALIBRATION = REPOSITORY / "docs" / "stress" / "calibrate" / "calibration.json"
 """The committed results of `make stress` (`--out docs/stress`), which later commands read by default."""
 ROLLBACK = {"lr_factor": 0.5, "skip_batches": 10, "snapshot_every_n_steps": 5}
+SHARPNESS = {"every_n_steps": 25, "max_batch_size": 256, "max_iterations": 20}
 
 
 # Plans --------------------------------------------------------------------------------------------------------
 
 
 def run_config(method: str, multiplier: float, base_learning_rate: float, shock: str, seed: int,
-               hyperparameters: dict | None = None, variant: str = "base", rollback: bool = False) -> dict[str, Any]:
+               hyperparameters: dict | None = None, variant: str = "base", rollback: bool = False,
+               sharpness: bool = False) -> dict[str, Any]:
     """Everything a run's result depends on (its key is `reporting.config_key` of it)."""
     return {
         "version": RECORD_VERSION,
@@ -130,6 +135,7 @@ def run_config(method: str, multiplier: float, base_learning_rate: float, shock:
         "variant": variant,
         "rollback": dict(ROLLBACK) if rollback else None,
         "examples_per_day": STREAM["examples_per_day"],
+        **({"sharpness": dict(SHARPNESS)} if sharpness else {}),
     }
 
 
@@ -171,6 +177,10 @@ def plan(args: argparse.Namespace, base: float, tuning: dict) -> list[dict[str, 
     elif args.stage == "ablation":
         configs = [run_config("naive", multiplier, base, shock, seed, variant=variant)
                    for seed in seeds for variant in ABLATIONS for shock in shocks for multiplier in args.lr_multipliers]
+    elif args.stage == "sharpness":
+        configs = [run_config(method, multiplier, base, args.shock, seed,
+                              tuned_hyperparameters(tuning, method, multiplier), sharpness=True)
+                   for seed in seeds for method in args.methods for multiplier in args.lr_multipliers]
     return configs
 
 
@@ -251,7 +261,16 @@ def train_run(config: dict[str, Any], cache: StreamCache) -> dict[str, Any]:
     else:
         monitor = DivergenceMonitor()
     steps = AdagradStepLogger(steps=STEP_WINDOW, name_of=lambda variable: names.get(variable.name, variable.name))
-    ranker.fit(train, epochs=1, verbose=0, callbacks=[monitor, steps])
+    callbacks = [monitor, steps]
+    if "sharpness" in config:
+        # A fixed batch of the first post-shock day: how sharp the loss the shock brings is, at every point of training.
+        post_shock_batch = next(iter(train.skip(SHOCK_STEP)))
+        sharpness = SharpnessMonitor(
+            post_shock_batch, every_n_steps=config["sharpness"]["every_n_steps"],
+            loss_fn=lambda model, batch: tf.add_n(list(model.task_losses(batch).values())),
+            max_batch_size=config["sharpness"]["max_batch_size"], max_iterations=config["sharpness"]["max_iterations"])
+        callbacks.append(sharpness)
+    ranker.fit(train, epochs=1, verbose=0, callbacks=callbacks)
     evaluation = ranker.evaluate(tf.data.Dataset.from_tensors(test), return_dict=True, verbose=0)
     tasks = {task.name: task.kind for task in spec.tasks}
     metrics = {name: float(evaluation[name]) for name in reporting.metric_names(tasks)}
@@ -282,6 +301,8 @@ def train_run(config: dict[str, Any], cache: StreamCache) -> dict[str, Any]:
         "rollbacks": monitor.rollbacks if isinstance(monitor, RollbackOnDivergence) else None,
         "seconds": time.perf_counter() - started,
     }
+    if "sharpness" in config:
+        record["sharpness"] = dataclasses.asdict(sharpness.record)
     return record
 
 
@@ -383,6 +404,13 @@ def ratio_text(values: Sequence[float]) -> str:
     return f"{np.median(values):.3g} ({max(values):.3g})"
 
 
+def diverged_text(runs: Sequence[dict[str, Any]]) -> str:
+    """E.g. "4/5 (1 before the shock)": diverged runs, and how many of them peaked before the shock."""
+    diverged = [run for run in runs if run["diverged"]]
+    early = sum(run["peak_step"] < SHOCK_STEP for run in diverged)
+    return f"{len(diverged)}/{len(runs)}" + (f" ({early} before the shock)" if early else "")
+
+
 def setting_text(records: Sequence[dict[str, Any]]) -> str:
     config = records[0]["config"]
     settings = ", ".join(f"{name} {value:g}" for name, value in sorted(config["hyperparameters"].items()))
@@ -407,7 +435,7 @@ def comparison_table(records: Sequence[dict[str, Any]]) -> str:
                 continue
             if row is None:
                 row = [setting_text(runs), reporting.format_multiplier(float(multiplier))]
-            row += [f"{sum(run['diverged'] for run in runs)}/{len(runs)}",
+            row += [diverged_text(runs),
                     f"{np.mean([run['micro_after_shock'] for run in runs]):.1f}",
                     ratio_text([run["peak_loss_ratio"] for run in runs]),
                     f"{100 * np.mean([run['dead_unit_fraction'] for run in runs]):.0f}%",
@@ -527,7 +555,7 @@ def rollback_table(records: Sequence[dict[str, Any]]) -> str:
     rows = []
     for (multiplier, rollback), runs in group(records, "lr_multiplier", "rollback").items():
         rows.append([reporting.format_multiplier(float(multiplier)), "yes" if rollback != "None" else "no",
-                     f"{sum(run['diverged'] for run in runs)}/{len(runs)}",
+                     diverged_text(runs),
                      f"{np.mean([run['rollbacks'] or 0 for run in runs]):.1f}",
                      ratio_text([run["peak_loss_ratio"] for run in runs]),
                      f"{100 * np.mean([run['dead_unit_fraction'] for run in runs]):.0f}%",
@@ -540,12 +568,47 @@ def ablation_table(records: Sequence[dict[str, Any]]) -> str:
     rows = []
     for (variant, shock, multiplier), runs in group(records, "variant", "shock", "lr_multiplier").items():
         rows.append([variant, shock, reporting.format_multiplier(float(multiplier)),
-                     f"{sum(run['diverged'] for run in runs)}/{len(runs)}",
+                     diverged_text(runs),
                      ratio_text([run["peak_loss_ratio"] for run in runs]),
                      f"{100 * np.mean([run['dead_unit_fraction'] for run in runs]):.0f}%",
                      mean_std([mean_auc(run) for run in runs])])
     return markdown(["variant", "stream", "lr", "diverged", "peak loss ratio, median (worst)", "dead units",
                      "mean AUC"], rows)
+
+
+def sharpness_table(records: Sequence[dict[str, Any]]) -> str:
+    """Per run: the preconditioned sharpness of the post-shock batch before the shock and after it, vs 2 / lr."""
+    steps = np.asarray(records[0]["sharpness"]["steps"])
+    shown = [int(steps[steps < SHOCK_STEP].max()), *(int(step) for step in steps[steps >= SHOCK_STEP][:3])]
+    rows = []
+    for record in records:
+        measured = record["sharpness"]
+        index = {int(step): i for i, step in enumerate(measured["steps"])}
+        rows.append([setting_text([record]), reporting.format_multiplier(record["config"]["lr_multiplier"]),
+                     str(record["config"]["seed"]), f"{measured['stability_threshold'][index[shown[0]]]:.3g}",
+                     *(f"{measured['preconditioned_sharpness'][index[step]]:.3g}" for step in shown if step in index),
+                     "yes" if record["diverged"] else "no"])
+    header = ["method", "lr", "seed", "2 / lr", *(f"after step {step}" for step in shown), "diverged"]
+    return markdown(header, rows)
+
+
+def plot_sharpness_runs(records: Sequence[dict[str, Any]], path: pathlib.Path) -> str:
+    """The preconditioned sharpness of the post-shock batch over training, per run, against 2 / learning rate."""
+    figure, axes = _plotting.pyplot().subplots(figsize=(8, 4.5))
+    for record in records:
+        measured = record["sharpness"]
+        label = f"{setting_text([record])} {reporting.format_multiplier(record['config']['lr_multiplier'])} " \
+                f"seed {record['config']['seed']}"
+        line, = axes.plot(measured["steps"], measured["preconditioned_sharpness"], marker=".", label=label)
+        axes.plot(measured["steps"], measured["stability_threshold"], linestyle="--", color=line.get_color(),
+                  linewidth=0.8)
+    axes.axvline(SHOCK_STEP, color="black", linestyle=":", linewidth=1)
+    axes.set_yscale("log")
+    axes.set_xlabel("step")
+    axes.set_ylabel("preconditioned sharpness (dashed: 2 / lr)")
+    axes.set_title("Sharpness of a post-shock batch over training")
+    axes.legend(fontsize=7)
+    return _plotting.save_png(figure, str(path))
 
 
 def final_loss(record: dict[str, Any]) -> float:
@@ -680,6 +743,9 @@ def write_reports(args: argparse.Namespace, records: list[dict[str, Any]], out: 
         lines.append(rollback_table(records))
     elif args.stage == "ablation":
         lines.append(ablation_table(records))
+    elif args.stage == "sharpness":
+        lines.append(sharpness_table(records))
+        plot_sharpness_runs(records, out / "sharpness.png")
     report = "\n".join(lines) + "\n"
     (out / "table.md").write_text(report, encoding="utf-8")
     return report

@@ -185,3 +185,18 @@ def test_loss_fn_arguments_are_checked():
         SharpnessMonitor(batch, loss_fn="mse")
     with pytest.raises(ValueError, match="not both"):
         SharpnessMonitor(batch, loss="mse", loss_fn=lambda m, b: 0.0)
+
+
+def test_hessian_vector_product_through_an_embedding_lookup_is_dense_and_exact():
+    # L = sum_i (E[ids_i] . w)^2 over a 5 x 3 table E: the product for E comes as IndexedSlices from the tape and
+    # must come back dense. For a fixed w, d2L/dE_k dE_k = 2 * count_k * w w^T for each row k (0 across rows).
+    table = tf.Variable(np.arange(15, dtype=np.float32).reshape(5, 3) / 10)
+    weights = tf.constant([1.0, -2.0, 0.5])
+    ids = tf.constant([0, 2, 2, 4])
+    vector = tf.constant(np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32))
+    (product,) = hessian_vector_product(
+        lambda: tf.reduce_sum(tf.linalg.matvec(tf.gather(table, ids), weights) ** 2), [table], [vector])
+    assert isinstance(product, tf.Tensor)
+    counts = np.bincount(ids.numpy(), minlength=5)[:, None]
+    expected = 2 * counts * (vector.numpy() @ weights.numpy())[:, None] * weights.numpy()[None, :]
+    np.testing.assert_allclose(product.numpy(), expected, rtol=1e-5, atol=1e-6)

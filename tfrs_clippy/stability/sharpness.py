@@ -40,7 +40,11 @@ def hessian_vector_product(loss_fn: Callable[[], tf.Tensor], variables: Sequence
         directional_derivative = tf.add_n(
             [tf.reduce_sum(tf.convert_to_tensor(g) * v) for g, v in zip(gradients, vectors)]
         )
-    return outer_tape.gradient(directional_derivative, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    products = outer_tape.gradient(
+        directional_derivative, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO
+    )
+    # An embedding table's product comes as IndexedSlices too; the power iteration adds and scales vectors.
+    return [tf.convert_to_tensor(product) for product in products]
 
 
 def _dot(a: Vectors, b: Vectors) -> tf.Tensor:
