@@ -299,6 +299,10 @@ def train_run(config: dict[str, Any], cache: StreamCache) -> dict[str, Any]:
         "steps": {"steps": steps.record.steps, **steps.record.values},
         "nonfinite_steps_skipped": int(optimizer.nonfinite_steps.numpy()),
         "rollbacks": monitor.rollbacks if isinstance(monitor, RollbackOnDivergence) else None,
+        # Steps a rollback undid: from the restored snapshot to the spike, then the skipped batches.
+        "steps_undone": sum(event.step - event.restored_step + config["rollback"]["skip_batches"]
+                            for event in monitor.rollback_events if event.restored_step is not None)
+        if isinstance(monitor, RollbackOnDivergence) else None,
         "seconds": time.perf_counter() - started,
     }
     if "sharpness" in config:
@@ -368,7 +372,8 @@ def summary_entry(record: dict[str, Any]) -> dict[str, Any]:
         "diverged": record["diverged"], "reason": record["verdict"]["reason"],
         "micro_after_shock": record["micro_after_shock"], "peak_loss_ratio": record["peak_loss_ratio"],
         "peak_step": record["peak_step"], "dead_unit_fraction": record["dead_unit_fraction"],
-        "rollbacks": record["rollbacks"], "metrics": record["metrics"], "key": record["key"],
+        "rollbacks": record["rollbacks"], "steps_undone": record.get("steps_undone"), "metrics": record["metrics"],
+        "key": record["key"],
     }
 
 
@@ -557,10 +562,12 @@ def rollback_table(records: Sequence[dict[str, Any]]) -> str:
         rows.append([reporting.format_multiplier(float(multiplier)), "yes" if rollback != "None" else "no",
                      diverged_text(runs),
                      f"{np.mean([run['rollbacks'] or 0 for run in runs]):.1f}",
+                     f"{np.mean([run.get('steps_undone') or 0 for run in runs]):.0f}",
                      ratio_text([run["peak_loss_ratio"] for run in runs]),
                      f"{100 * np.mean([run['dead_unit_fraction'] for run in runs]):.0f}%",
                      mean_std([mean_auc(run) for run in runs])])
-    return markdown(["lr", "rollback", "diverged", "rollbacks per run", "peak loss ratio, median (worst)",
+    return markdown(["lr", "rollback", "diverged", "rollbacks per run", "steps undone per run (of 300)",
+                     "peak loss ratio, median (worst)",
                      "dead units", "mean AUC"], rows)
 
 
