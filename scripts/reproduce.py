@@ -6,6 +6,11 @@ the dataset's calibrated base rate) and one seed, for one pass over the training
 evaluated on the held-out newest data: AUC per binary task, RMSE per regression task. Each run's per-step loss is
 watched for micro- and full divergence.
 
+Two production practices apply to every method alike: each task's output bias starts at its training label prior
+(`--output-bias label_prior`, `RankerConfig.output_bias`), and the learning rate ramps up linearly over the first
+`--warmup-steps` steps (`tfrs_clippy.optimizers.LinearWarmup`; by default 10% of the run's steps, 16 of ML-100K's
+157). `--output-bias zero --warmup-steps 0` is the setup of the first reproduction (docs/reproduction.md).
+
     TF_USE_LEGACY_KERAS=1 .venv/bin/python scripts/reproduce.py                      # ML-100K, ~10 min on 2 cores
     TF_USE_LEGACY_KERAS=1 .venv/bin/python scripts/reproduce.py --grid paper         # every grid point of the paper
     TF_USE_LEGACY_KERAS=1 .venv/bin/python scripts/reproduce.py --dataset census_income --scale 0.125
@@ -44,10 +49,10 @@ import models  # noqa: E402
 from tfrs_clippy import reporting  # noqa: E402
 from tfrs_clippy.data import Splits, census_income, make_pipeline, movielens_100k, synthetic  # noqa: E402
 from tfrs_clippy.keras_runtime import LEGACY_KERAS, keras  # noqa: E402
-from tfrs_clippy.optimizers import PAPER_GRIDS, build_optimizer  # noqa: E402
+from tfrs_clippy.optimizers import PAPER_GRIDS, LinearWarmup, build_optimizer  # noqa: E402
 from tfrs_clippy.stability import ClippingFactorLogger, DivergenceMonitor, RollbackOnDivergence  # noqa: E402
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2
 """Part of every run's config, hence of its key: bump it when a change to this script changes results."""
 
 FUSE_DENSE_UPDATES = False
@@ -56,7 +61,14 @@ exceeds what it saves in a 157-step pass, so the runs use the unfused step (same
 
 MODELS = ("small", "large", "large_dcn")
 METHODS = ("naive", "gc", "agc", "lamb", "clippy")
+OUTPUT_BIASES = ("label_prior", "zero")
 EVAL_BATCH_SIZE = 4096
+
+WARMUP_FRACTION = 0.1
+"""The default --warmup-steps as a share of a run's steps (rounded): 16 of ML-100K's 157 steps at batch 512.
+Long enough that Adagrad's first, largest steps (g / sqrt(G) ~ sign(g) while G is near its initial value) are
+taken at lr / 16 to lr / 2, below the calibrated stable rate 0.04, while the accumulator fills; short enough that
+90% of the pass runs at the peak rate the comparison is about. 10% is also the common choice in practice."""
 
 # One setting per method for the default (budgeted) run: the middle point of each of the paper's grids.
 MIDDLE_GRID = {method: [grid[len(grid) // 2]] for method, grid in PAPER_GRIDS.items()}
@@ -125,6 +137,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                              "preset ('none': skip)")
     parser.add_argument("--rollback-lr-factor", type=float, default=0.5,
                         help="RollbackOnDivergence's learning-rate factor per rollback")
+    parser.add_argument("--warmup-steps", type=int, default=None,
+                        help="linear learning-rate warm-up (LinearWarmup) of every method over this many steps; "
+                             f"default: {WARMUP_FRACTION:.0%} of a run's steps, rounded; 0: none")
+    parser.add_argument("--output-bias", default="label_prior",
+                        help=f"initial bias of each task's logit layer, one of {list(OUTPUT_BIASES)} "
+                             "(RankerConfig.output_bias)")
     parser.add_argument("--out", default="results", help="output folder")
     args = parser.parse_args(argv)
     args.models, args.methods = comma_list(args.models), comma_list(args.methods)
@@ -133,6 +151,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     check_choices("--methods", args.methods, METHODS)
     check_choices("--grid", [args.grid], GRIDS)
     check_choices("--rollback-model", [args.rollback_model], (*MODELS, "none"))
+    check_choices("--output-bias", [args.output_bias], OUTPUT_BIASES)
     try:
         args.lr_multipliers = sorted(float(value) for value in comma_list(args.lr_multipliers))
     except ValueError:
@@ -149,7 +168,22 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         raise ValueError(f"--base-learning-rate must be > 0, got {args.base_learning_rate}")
     if not 0 < args.rollback_lr_factor <= 1:
         raise ValueError(f"--rollback-lr-factor must be in (0, 1], got {args.rollback_lr_factor}")
+    if args.warmup_steps is not None and args.warmup_steps < 0:
+        raise ValueError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
     return args
+
+
+def run_steps(args: argparse.Namespace, train_examples: int) -> int:
+    """The steps of each run: one pass over `train_examples` at the batch size, or --train-steps if fewer."""
+    steps = math.ceil(train_examples / args.batch_size)
+    return min(steps, args.train_steps) if args.train_steps else steps
+
+
+def warmup_steps(args: argparse.Namespace, train_examples: int) -> int:
+    """--warmup-steps, or by default `WARMUP_FRACTION` of the run's steps rounded (half up)."""
+    if args.warmup_steps is not None:
+        return args.warmup_steps
+    return int(math.floor(WARMUP_FRACTION * run_steps(args, train_examples) + 0.5))
 
 
 def check_choices(flag: str, values: Sequence[str], choices: Sequence[str]) -> None:
@@ -160,8 +194,11 @@ def check_choices(flag: str, values: Sequence[str], choices: Sequence[str]) -> N
 
 
 def run_config(args: argparse.Namespace, model: str, method: str, hyperparameters: dict, multiplier: float,
-               seed: int, rollback: bool = False) -> dict[str, Any]:
-    """The config of one run: everything its result depends on (its key is `reporting.config_key` of it)."""
+               seed: int, warmup: int, rollback: bool = False) -> dict[str, Any]:
+    """The config of one run: everything its result depends on (its key is `reporting.config_key` of it).
+
+    `warmup` is the run's resolved warm-up steps (`warmup_steps`).
+    """
     base = args.base_learning_rate or DATASETS[args.dataset].base_learning_rate
     return {
         "version": RECORD_VERSION,
@@ -172,6 +209,8 @@ def run_config(args: argparse.Namespace, model: str, method: str, hyperparameter
         "hyperparameters": hyperparameters,
         "lr_multiplier": multiplier,
         "learning_rate": base * multiplier,
+        "warmup_steps": warmup,
+        "output_bias": args.output_bias,
         "seed": seed,
         "batch_size": args.batch_size,
         "train_steps": args.train_steps,
@@ -181,11 +220,15 @@ def run_config(args: argparse.Namespace, model: str, method: str, hyperparameter
     }
 
 
-def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Every run of the command: model x method x grid point x multiplier x seed, then the rollback stage."""
+def plan_runs(args: argparse.Namespace, train_examples: int) -> list[dict[str, Any]]:
+    """Every run of the command: model x method x grid point x multiplier x seed, then the rollback stage.
+
+    `train_examples` is the size of the training split (it sets the default warm-up).
+    """
     grid = GRIDS[args.grid]
+    warmup = warmup_steps(args, train_examples)
     configs = [
-        run_config(args, model, method, hyperparameters, multiplier, seed)
+        run_config(args, model, method, hyperparameters, multiplier, seed, warmup)
         for model in args.models
         for method in args.methods
         for hyperparameters in grid[method]
@@ -194,7 +237,7 @@ def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
     ]
     if args.rollback_model != "none" and "naive" in args.methods and args.rollback_model in args.models:
         configs += [
-            run_config(args, args.rollback_model, "naive", {}, args.lr_multipliers[-1], seed, rollback=True)
+            run_config(args, args.rollback_model, "naive", {}, args.lr_multipliers[-1], seed, warmup, rollback=True)
             for seed in range(args.seeds)
         ]
     return configs
@@ -241,9 +284,13 @@ def train_and_evaluate(config: dict[str, Any], splits: Splits, constant_rmse: di
     started = time.perf_counter()
     keras.backend.clear_session()  # fresh layer names (the plots use them) and no graphs of earlier runs
     keras.utils.set_random_seed(config["seed"])
-    ranker = models.build_ranker(splits.spec, models.RankerConfig.preset(config["model"], scale=config["scale"]))
+    ranker = models.build_ranker(splits.spec, models.RankerConfig.preset(
+        config["model"], scale=config["scale"], output_bias=config["output_bias"]))
     logs_factors = config["method"] == "clippy"
-    optimizer = build_optimizer(config["method"], config["learning_rate"], export_clipping_factors=logs_factors,
+    # No warm-up: the plain constant rate, exactly as before LinearWarmup existed.
+    learning_rate = (LinearWarmup(config["learning_rate"], config["warmup_steps"]) if config["warmup_steps"]
+                     else config["learning_rate"])
+    optimizer = build_optimizer(config["method"], learning_rate, export_clipping_factors=logs_factors,
                                 fuse_dense_updates=config["fuse_dense_updates"], **config["hyperparameters"])
     ranker.compile(optimizer=optimizer)
     if config["rollback"]:
@@ -372,6 +419,8 @@ def write_reports(records: list[dict[str, Any]], args: argparse.Namespace, out: 
         f"Small : Large : Large+DCN ratios): {preset_widths(args.scale, MODELS)}",
         f"- 1x learning rate {base:g}; multipliers {', '.join(map(reporting.format_multiplier, args.lr_multipliers))}; "
         f"{args.seeds} seeds; grid '{args.grid}'",
+        f"- Every method: linear learning-rate warm-up over the first {records[0]['config']['warmup_steps']} steps "
+        f"(0: none); output biases '{args.output_bias}'",
         f"- {len(records)} runs, {sum(r['verdict']['diverged'] for r in records)} diverged; wall time of this "
         f"command {format_duration(wall_seconds)}, of all runs (incl. cached) "
         f"{format_duration(sum(r['seconds'] for r in records))}",
@@ -418,10 +467,11 @@ def main(argv: Sequence[str]) -> int:
     logging.getLogger("tfrs_clippy.stability.rollback").setLevel(logging.ERROR)  # the table reports rollbacks
     started = time.perf_counter()
     out = pathlib.Path(args.out) / args.dataset
-    configs = plan_runs(args)
-    print(f"{len(configs)} runs on {args.dataset}; presets scaled by {args.scale:g}: "
-          f"{preset_widths(args.scale, args.models)}", flush=True)
     splits = DATASETS[args.dataset].load()
+    configs = plan_runs(args, splits.sizes["train"])
+    print(f"{len(configs)} runs on {args.dataset}; presets scaled by {args.scale:g}: "
+          f"{preset_widths(args.scale, args.models)}; warm-up {configs[0]['warmup_steps']} steps, output biases "
+          f"'{args.output_bias}'", flush=True)
     records = run_all(configs, splits, out / "runs")
     for path in write_reports(records, args, out, time.perf_counter() - started):
         print(f"wrote {path}")

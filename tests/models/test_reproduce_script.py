@@ -33,6 +33,7 @@ def test_tiny_reproduction_writes_every_output_and_resumes(tmp_path):
     assert len(records) == 3 and len(list((out / "runs").glob("*.json"))) == 3
     for record in records:
         assert len(record["losses"]) == 12
+        assert (record["config"]["warmup_steps"], record["config"]["output_bias"]) == (1, "label_prior")
         assert set(record["metrics"]) == {"like_auc", "love_auc", "rating_rmse"}
         assert 0.0 <= record["metrics"]["like_auc"] <= 1.0
         # Predicting the training mean rating (about 3.5) on ratings 1..5 is off by about one star.
@@ -74,10 +75,26 @@ def test_bad_flags_fail_with_the_flag_named(capsys):
 
 def test_plan_has_every_combination_and_the_rollback_stage():
     reproduce = _load_script()
-    configs = reproduce.plan_runs(reproduce.parse_args(["--grid", "paper"]))
+    configs = reproduce.plan_runs(reproduce.parse_args(["--grid", "paper"]), 80_000)
     # Grid sizes 1 (naive), 3 (GC, AGC, LAMB), 1 (Clippy): 11 settings x 3 presets x 2 multipliers x 3 seeds,
     # then naive at 2x with rollback on Large+DCN for 3 seeds.
     assert len(configs) == 11 * 3 * 2 * 3 + 3
     assert len({reproduce.reporting.config_key(config) for config in configs}) == len(configs)
     assert [c["learning_rate"] for c in configs[-3:]] == [0.16] * 3 and all(c["rollback"] for c in configs[-3:])
-    assert len(reproduce.plan_runs(reproduce.parse_args([]))) == 5 * 3 * 2 * 3 + 3
+    assert len(reproduce.plan_runs(reproduce.parse_args([]), 80_000)) == 5 * 3 * 2 * 3 + 3
+    # The production practices, recorded in every config: the default warm-up is 10% of 157 steps, rounded.
+    assert all(c["warmup_steps"] == 16 and c["output_bias"] == "label_prior" for c in configs)
+
+
+def test_warmup_and_output_bias_flags_change_the_config_and_its_key():
+    reproduce = _load_script()
+    default = reproduce.plan_runs(reproduce.parse_args([]), 80_000)[0]
+    old = reproduce.plan_runs(reproduce.parse_args(["--warmup-steps", "0", "--output-bias", "zero"]), 80_000)[0]
+    assert (old["warmup_steps"], old["output_bias"]) == (0, "zero")
+    assert reproduce.reporting.config_key(old) != reproduce.reporting.config_key(default)
+    # With --train-steps the default warm-up is 10% of the shorter run.
+    assert reproduce.plan_runs(reproduce.parse_args(["--train-steps", "12"]), 80_000)[0]["warmup_steps"] == 1
+    for args, message in ((["--warmup-steps", "-1"], "--warmup-steps must be >= 0, got -1"),
+                          (["--output-bias", "mean"], "--output-bias must be among")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            reproduce.parse_args(args)
