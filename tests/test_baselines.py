@@ -186,3 +186,19 @@ def test_scaling_factors_are_exported_for_baselines():
     optimizer.apply_gradients([(tf.constant([3.0, 4.0]), variable)])
     (factor,) = optimizer.clipping_factors_by_name().values()
     assert float(factor) == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("method", list(CASES))
+def test_each_baseline_takes_epsilon_zero_with_a_positive_initial_accumulator(method):
+    """The rule ClippyAdagrad follows (TFRS's tests use epsilon 0): the base they share checks it for all."""
+    cls, arguments, sigma_fn = CASES[method]
+    weights, grads = random_problem(seed=13, steps=5)
+    variable, _ = run_optimizer(cls(learning_rate=0.3, epsilon=0.0, initial_accumulator_value=0.2, **arguments),
+                                weights, grads)
+    expected = numpy_oracle.scaled_adagrad_numpy(weights, grads, 0.3, sigma_fn, initial_accumulator_value=0.2,
+                                                 epsilon=0.0)
+    np.testing.assert_allclose(variable.numpy(), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError) as error:
+        cls(learning_rate=0.3, epsilon=0.0, initial_accumulator_value=0.0, **arguments)
+    assert ("`initial_accumulator_value` + `epsilon` must be positive" in str(error.value)
+            and "initial_accumulator_value=0.0 and epsilon=0.0" in str(error.value))

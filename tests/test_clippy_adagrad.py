@@ -245,7 +245,9 @@ def test_config_round_trips_every_argument():
         (dict(accumulator_relative_threshold=-1.0), "`accumulator_relative_threshold` must be a non-negative number, got -1.0"),
         (dict(absolute_threshold=float("nan")), "`absolute_threshold` must be a non-negative number, got nan"),
         (dict(initial_accumulator_value=-0.5), "`initial_accumulator_value` must be a non-negative number, got -0.5"),
-        (dict(epsilon=0.0), "`epsilon` must be positive, got 0.0"),
+        (dict(epsilon=0.0, initial_accumulator_value=0.0),
+         "`initial_accumulator_value` + `epsilon` must be positive"),  # epsilon 0 alone is fine, as in TFRS
+        (dict(epsilon=float("nan")), "`epsilon` must be a number, got nan"),
         (dict(learning_rate=-1.0), "`learning_rate` must be a finite non-negative number or a schedule, got -1.0"),
         (dict(clip_accumulator_update=True, use_standard_accumulator_update=True), "cannot both be True"),
         (dict(clipping_axis=1.5), "`clipping_axis` must be None or an int, got 1.5"),

@@ -60,12 +60,14 @@ class ClippyAdagrad(KerasAdapter):
         """Initializes the optimizer.
 
         Args:
-            learning_rate: A float or a Keras learning-rate schedule.
+            learning_rate: A number (int, float, NumPy scalar or eager scalar tensor, as TFRS accepts) or a Keras
+                learning-rate schedule.
             initial_accumulator_value: Starting value of the accumulators G (>= 0).
             variable_relative_threshold: lambda_rel (>= 0): the bound's part relative to |w_i|.
             accumulator_relative_threshold: (>= 0) the bound's part relative to 1 / sqrt(G_i + epsilon).
             absolute_threshold: lambda_abs (>= 0): the bound's constant part.
-            epsilon: Added to G inside the square root (> 0).
+            epsilon: Added to G inside the square root. 0 is allowed (as in TFRS) when
+                `initial_accumulator_value + epsilon` is positive: G never falls below its initial value.
             export_clipping_factors: Keep the smallest scale of each variable's last step, readable as
                 `clipping_factors` (a list, as in TFRS) and `clipping_factors_by_name()`.
             clip_accumulator_update: Accumulate (sigma * g)^2 instead of g^2, after the step.
@@ -80,7 +82,8 @@ class ClippyAdagrad(KerasAdapter):
             **kwargs: The Keras optimizer base's keyword arguments.
 
         Raises:
-            ValueError: An argument is out of range, or both accumulator flags are set.
+            ValueError: An argument is out of range, `initial_accumulator_value + epsilon` is not positive, or both
+                accumulator flags are set.
         """
         if clip_accumulator_update and use_standard_accumulator_update:
             raise ValueError(

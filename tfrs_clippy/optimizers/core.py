@@ -202,7 +202,7 @@ class Slots:
     """
 
     accumulator: tf.Variable  # float32 (float64 for float64 variables), the variable's shape
-    clipping_factor: Optional[tf.Variable]  # float32 scalar: min sigma of the last step; None if not exported
+    clipping_factor: Optional[tf.Variable]  # scalar, the accumulator's dtype: min sigma of the last step, or None
     nonfinite_steps: tf.Variable  # int64 scalar: steps skipped for a non-finite gradient
 
 
@@ -210,7 +210,7 @@ def _record(slots: Slots, result: StepResult) -> list:
     """Counts a skipped step, and exports the step's smallest scale (0 for a skipped step)."""
     updates = [slots.nonfinite_steps.assign_add(tf.cast(tf.logical_not(result.all_finite), tf.int64))]
     if slots.clipping_factor is not None:
-        smallest_scale = tf.cast(tf.reduce_min(result.scale), tf.float32)
+        smallest_scale = tf.cast(tf.reduce_min(result.scale), slots.clipping_factor.dtype)
         updates.append(slots.clipping_factor.assign(tf.where(result.all_finite, smallest_scale, 0.0)))
     return updates
 
@@ -239,6 +239,21 @@ def next_dense_values(
 _fused_next_dense_values = tf.function(next_dense_values, jit_compile=True)
 
 
+def _fused_dense_step(grad, variable, accumulator, learning_rate, **options):
+    """`_fused_next_dense_values`, without TensorFlow's retracing warning in eager use.
+
+    The step is traced once per variable shape, so an eager `apply_gradients` on a model with five differently
+    shaped variables makes TensorFlow warn "5 out of the last 5 calls ... triggered tf.function retracing" on the
+    first step, though every later step reuses the traces. That counter sees only eager calls of the
+    `tf.function`; a concrete function looked up from its own cache traces exactly as often and is not counted.
+    Inside a `tf.function` (graph building) the call is left as it was, so the compiled graph is unchanged.
+    """
+    if not tf.executing_eagerly():
+        return _fused_next_dense_values(grad, variable, accumulator, learning_rate, **options)
+    concrete = _fused_next_dense_values.get_concrete_function(grad, variable, accumulator, learning_rate, **options)
+    return concrete(grad, variable, accumulator, learning_rate)
+
+
 def apply_dense(
     variable: tf.Variable,
     grad: tf.Tensor,
@@ -261,7 +276,7 @@ def apply_dense(
         epsilon, accumulator_update, rule, clipping_axis: As in `scaled_adagrad_step`.
         fused: Compute the step with XLA (two passes over memory) instead of one TensorFlow kernel per operation.
     """
-    step_fn = _fused_next_dense_values if fused else next_dense_values
+    step_fn = _fused_dense_step if fused else next_dense_values
     new_variable, new_accumulator, result = step_fn(
         grad,
         tf.convert_to_tensor(variable),

@@ -44,12 +44,53 @@ class KerasAdapter(ScaledAdagradMixin, tf_keras.optimizers.Optimizer):
         return accumulator
 
     def _create_scalar_slot(self, variable, name: str, dtype: tf.DType, value: float):
-        # Diagnostics (the last factor, the skip count) are kept out of Keras 2 checkpoints, which store optimizer
-        # variables by position in `_variables`: a sharded table has one scalar per shard but, grouped by the base,
-        # one accumulator, so with the scalars in the list a checkpoint of a sharded table would not restore into
-        # the same table unsharded (ParameterServer -> one device). They do not change the training numbers.
         with tf.distribute.get_strategy().extended.colocate_vars_with(variable):
-            return tf.Variable(tf.constant(value, dtype), name=f"{name}/{variable._shared_name}", trainable=False)
+            slot = tf.Variable(tf.constant(value, dtype), name=f"{name}/{variable._shared_name}", trainable=False)
+        if name == "clipping_factor":
+            self._checkpoint_clipping_factor(variable, slot)
+        # The skip count stays out of checkpoints: TFRS has none, and Keras 2 checkpoints optimizer variables by
+        # position in `_variables`, so one more variable per model variable would shift TFRS's layout.
+        return slot
+
+    def _checkpoint_clipping_factor(self, variable, slot: tf.Variable) -> None:
+        """Puts a clipping factor in `_variables` where TFRS's class puts it: right after the accumulator.
+
+        Keras 2 checkpoints `_variables` by position, and TFRS's class builds, per variable, the accumulator and
+        then (with `export_clipping_factors=True`) the factor. Without the same layout, a checkpoint of one class
+        restores into the other with a factor in an accumulator's position and the later accumulators silently
+        left at their initial value. The base groups a sharded table's accumulators into one checkpointed table,
+        appended with its last shard; its factors become one scalar there too, the minimum over the shards (the
+        table's factor), so a ParameterServer checkpoint still restores into the table unsharded, and back.
+        """
+        container = getattr(variable, "_sharded_container", None)
+        if container is None:
+            self._variables.append(slot)
+            return
+        table = container()
+        if not hasattr(self, "_table_factors"):
+            self._table_factors = self._no_dependency({})  # tracked through `_variables` only
+        shards = self._table_factors.setdefault(table._unique_id, [None] * len(table.variables))
+        shards[[shard is variable for shard in table.variables].index(True)] = slot
+        if all(shard is not None for shard in shards):
+            first_shard = table.variables[0]
+            table_name = first_shard._shared_name.rsplit("/part_", 1)[0]  # the shards' "<name>/part_<i>"
+            with tf.distribute.get_strategy().extended.colocate_vars_with(first_shard):
+                table_factor = tf.Variable(
+                    tf.constant(1.0, slot.dtype), name=f"clipping_factor/{table_name}", trainable=False
+                )
+            self._variables.append(table_factor)
+            self._table_factors[table._unique_id] = (table_factor, list(shards))
+
+    def _update_table_factor(self, variable, step: tf.Operation) -> tf.Operation:
+        """After a shard's step, its table's checkpointed factor: the minimum of the shards' last factors."""
+        container = getattr(variable, "_sharded_container", None)
+        entry = getattr(self, "_table_factors", {}).get(container()._unique_id) if container else None
+        if not isinstance(entry, tuple):
+            return step
+        table_factor, shards = entry
+        with tf.control_dependencies([step]):
+            smallest = tf.reduce_min(tf.stack([tf.convert_to_tensor(shard) for shard in shards]))
+            return table_factor.assign(smallest, read_value=False)
 
     def _deduplicate_sparse_grad(self, grads):
         # `core.apply_sparse` sums repeated ids itself, with static shapes. The base's `tf.unique` gives a dynamic
@@ -60,7 +101,10 @@ class KerasAdapter(ScaledAdagradMixin, tf_keras.optimizers.Optimizer):
         return self._slot_positions[self._var_key(variable)]
 
     def update_step(self, gradient, variable) -> tf.Operation:
-        return self._apply_scaled_adagrad(gradient, variable, self.learning_rate)
+        step = self._apply_scaled_adagrad(gradient, variable, self.learning_rate)
+        if self.export_clipping_factors:
+            step = self._update_table_factor(variable, step)
+        return step
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()

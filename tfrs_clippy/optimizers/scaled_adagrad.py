@@ -8,9 +8,11 @@ variable finds its index. The math is `core`'s.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
 import tensorflow as tf
 
 from tfrs_clippy.optimizers import core
@@ -24,9 +26,47 @@ def check_non_negative(name: str, value: float) -> float:
     return value
 
 
-def _check_learning_rate(learning_rate: Any) -> None:
-    if isinstance(learning_rate, (int, float)) and not (math.isfinite(learning_rate) and learning_rate >= 0):
-        raise ValueError(f"`learning_rate` must be a finite non-negative number or a schedule, got {learning_rate}.")
+def _normalize_learning_rate(learning_rate: Any) -> Any:
+    """Returns a constant learning rate as a Python float (schedules and callables unchanged), checked.
+
+    Keras 2 (TFRS's runtime) accepts ints, NumPy scalars and eager scalar tensors; Keras 3 only Python floats.
+    Converting them here gives both runtimes TFRS's rule. Keras 2 copies a tensor's or variable's value into its
+    own variable, so the float loses nothing.
+
+    Raises:
+        ValueError: The learning rate is a number that is negative, NaN or infinite.
+    """
+    if tf.is_tensor(learning_rate) and learning_rate.shape.rank == 0 and hasattr(learning_rate, "numpy"):
+        learning_rate = learning_rate.numpy()  # an eager scalar; a symbolic one is left to the Keras base
+    if isinstance(learning_rate, numbers.Real) and not isinstance(learning_rate, bool):
+        learning_rate = float(learning_rate)
+        if not (math.isfinite(learning_rate) and learning_rate >= 0):
+            raise ValueError(
+                f"`learning_rate` must be a finite non-negative number or a schedule, got {learning_rate}."
+            )
+    return learning_rate
+
+
+def check_denominator(initial_accumulator_value: float, epsilon: float) -> None:
+    """Raises a ValueError naming both arguments unless every step's sqrt(G + epsilon) is positive.
+
+    G starts at `initial_accumulator_value` and never decreases (every order only adds squares), so the first
+    step's G + epsilon is the smallest. It must be a positive *normal* number in float32 (and in float64, the
+    accumulator dtype of float64 variables): TensorFlow flushes subnormals to 0 on CPU, where rsqrt then returns
+    inf. epsilon 0 is therefore fine with a positive initial accumulator (TFRS's tests use it), and so is a
+    negative epsilon smaller in size than it; both 0 divide by zero, in the "standard" order too (a coordinate
+    whose gradient is 0 computes 0 * inf).
+    """
+    smallest_normal = float(np.finfo(np.float32).tiny)
+    in_float32 = float(np.float32(initial_accumulator_value) + np.float32(epsilon))
+    in_float64 = float(np.float64(initial_accumulator_value) + np.float64(epsilon))
+    if not (in_float32 >= smallest_normal and in_float64 >= smallest_normal):
+        raise ValueError(
+            f"`initial_accumulator_value` + `epsilon` must be positive (every step divides by "
+            f"sqrt(G + epsilon), and G starts at `initial_accumulator_value`), got "
+            f"initial_accumulator_value={initial_accumulator_value} and epsilon={epsilon} (sum {in_float64}); "
+            f"TFRS's defaults are 0.1 and 1e-7."
+        )
 
 
 class ScaledAdagradMixin:
@@ -34,7 +74,9 @@ class ScaledAdagradMixin:
 
     Subclasses choose the rule (`scaling_rule`) and may add hyper-parameters (`get_config`). Every model variable
     gets a float32 accumulator (float64 for float64 variables), an int64 count of steps skipped for a non-finite
-    gradient and, with `export_clipping_factors=True`, a float32 scalar holding the smallest scale of the last step.
+    gradient and, with `export_clipping_factors=True`, a scalar holding the smallest scale of the last step (float32;
+    float64 for float64 variables, as TFRS's class has it, so that checkpoints of either class restore into the
+    other).
     """
 
     def __init__(
@@ -53,9 +95,11 @@ class ScaledAdagradMixin:
         """Initializes the optimizer.
 
         Args:
-            learning_rate: A float or a Keras learning-rate schedule.
+            learning_rate: A number (int, float, NumPy scalar or eager scalar tensor, as Keras 2 accepts) or a
+                Keras learning-rate schedule.
             initial_accumulator_value: Starting value of every accumulator (>= 0).
-            epsilon: Added to the accumulator inside the square root (> 0).
+            epsilon: Added to the accumulator inside the square root; 0 (or negative) is allowed as long as
+                `initial_accumulator_value + epsilon` is positive.
             accumulator_update: One of `core.ACCUMULATOR_UPDATES`: "standard" (G += g^2, then the step),
                 "delayed" (the step, then G += g^2) or "delayed_clipped" (the step, then G += (sigma*g)^2).
             export_clipping_factors: Keep one scalar per variable with the smallest scale of its last step,
@@ -71,12 +115,15 @@ class ScaledAdagradMixin:
         Raises:
             ValueError: An argument is out of range; the message names it and its value.
         """
-        _check_learning_rate(learning_rate)
+        learning_rate = _normalize_learning_rate(learning_rate)
+        initial_accumulator_value = check_non_negative("initial_accumulator_value", initial_accumulator_value)
+        epsilon = float(epsilon)
+        if math.isnan(epsilon):
+            raise ValueError(f"`epsilon` must be a number, got {epsilon}.")
+        check_denominator(initial_accumulator_value, epsilon)
         self._init_keras_base(learning_rate, name, kwargs)
-        self.initial_accumulator_value = check_non_negative("initial_accumulator_value", initial_accumulator_value)
-        if not float(epsilon) > 0:
-            raise ValueError(f"`epsilon` must be positive, got {epsilon}.")
-        self.epsilon = float(epsilon)
+        self.initial_accumulator_value = initial_accumulator_value
+        self.epsilon = epsilon
         if accumulator_update not in core.ACCUMULATOR_UPDATES:
             raise ValueError(
                 f"`accumulator_update` must be one of {core.ACCUMULATOR_UPDATES}, got {accumulator_update!r}."
@@ -147,7 +194,7 @@ class ScaledAdagradMixin:
                 core.Slots(
                     accumulator=self._create_accumulator(variable, compute_dtype),
                     clipping_factor=(
-                        self._create_scalar_slot(variable, "clipping_factor", tf.float32, 1.0)
+                        self._create_scalar_slot(variable, "clipping_factor", compute_dtype, 1.0)
                         if self.export_clipping_factors
                         else None
                     ),
@@ -190,7 +237,9 @@ class ScaledAdagradMixin:
             raise ValueError(
                 "clipping_factors_by_name() needs the optimizer built with export_clipping_factors=True."
             )
-        return self._by_name(lambda slots: slots.clipping_factor)
+        # float32 whatever the slot's dtype, so that the factors of float32 and float64 variables stack.
+        return {name: tf.cast(factor, tf.float32)
+                for name, factor in self._by_name(lambda slots: slots.clipping_factor).items()}
 
     def nonfinite_steps_by_name(self) -> dict[str, tf.Tensor]:
         """{model variable name: number of steps skipped because its gradient had a NaN or an Inf}."""
