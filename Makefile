@@ -42,7 +42,7 @@ stress: install
 	$(STRESS_FULL) --stage tune --seeds 2 --lr-multipliers 0.25,0.5,1,2
 	$(STRESS_FULL) --seeds 5 --lr-multipliers 0.25,0.5,1,2
 	for shock in new_ids scale_growth base_rate; do \
-	  $(STRESS_FULL) --seeds 5 --shock $$shock --no-control --lr-multipliers 0.5; done
+	  $(STRESS_FULL) --seeds 5 --shock $$shock --no-control --lr-multipliers 0.5,1; done
 	$(STRESS_FULL) --stage rollback --seeds 5 --lr-multipliers 0.5,1,2
 	$(STRESS_FULL) --stage ablation --seeds 3 --lr-multipliers 0.5 --no-control
 	$(STRESS_FULL) --stage sharpness --seeds 2 --methods naive,clippy --lr-multipliers 0.25,1

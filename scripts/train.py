@@ -3,6 +3,20 @@
     .venv/bin/python scripts/train.py --dataset movielens_100k --preset small --scale 0.125 --method clippy \
         --learning-rate 0.05 --batch-size 256 --epochs 2 --strategy mirrored \
         --checkpoint-dir /tmp/run/ckpt --log-dir /tmp/run/logs
+    .venv/bin/python scripts/train.py --dataset census_income --bottom mmoe --num-experts 4 --scale 0.125 \
+        --metrics-out /tmp/run/metrics.json --export-dir /tmp/run/serving
+
+The model: `--preset` (default small) or `--config FILE` (a `RankerConfig` YAML/JSON mapping, which may name a
+"preset" to start from), then the model flags (`--bottom`, `--num-experts`, `--num-task-experts`, `--num-levels`,
+`--bottom-units`, `--tower-units`, `--cross-layers`, ...) override single fields. The effective config is written
+beside the checkpoints (`ranker_config.json`, loadable with `--config`); a rerun resumes with it (model flags, if
+any, apply to it), and a rerun that would make another model is refused.
+
+After each epoch and at the end, the ranker is evaluated on the held-out split (validation where the dataset has
+one, else test): AUC per binary task and RMSE per regression task are printed, and every evaluated metric goes to
+History and TensorBoard as `val_<metric>` / `test_<metric>` (see `train_eval.py`). `--metrics-out FILE` writes
+them with the config, steps and wall time as JSON; the last line printed sums the run up. `--export-dir DIR`
+writes the serving SavedModel (`serving_default`: raw features in, one prediction per task out).
 
 The rankers need Keras 2 (TFRS), so this script sets TF_USE_LEGACY_KERAS=1 itself. Strategies:
 - `default`: one device.
@@ -34,8 +48,11 @@ import pathlib
 import re
 import socket
 import sys
+import time
 import urllib.parse
 from typing import Any, Optional, Sequence
+
+import yaml
 
 os.environ["TF_USE_LEGACY_KERAS"] = "1"  # the rankers are tfrs.Models: Keras 2 only
 
@@ -47,7 +64,10 @@ import tfrs_clippy  # noqa: E402
 from tfrs_clippy import data  # noqa: E402
 from tfrs_clippy.keras_runtime import keras  # noqa: E402
 from tfrs_clippy.optimizers import METHODS, PAPER_GRIDS  # noqa: E402
+from tfrs_clippy.optimizers import LinearWarmup  # noqa: E402
 from tfrs_clippy.stability._summary import write_scalar  # noqa: E402
+
+import train_eval  # noqa: E402  (beside this script: on sys.path when it runs, and in the tests)
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "parameter_server", "tpu")
 DATASETS = ("movielens_100k", "census_income", "synthetic")
@@ -56,6 +76,11 @@ RUN_FILE = "run.json"
 _STREAM_FLAGS = ("dataset", "batch_size", "shuffle_window", "seed", "epochs", "synthetic_examples",
                  "synthetic_vocabulary")
 TPU_CONNECT_TIMEOUT_SECONDS = 10.0
+CONFIG_FILE = "ranker_config.json"
+"""Written beside the checkpoints: the effective `RankerConfig`, which a resumed run uses (a `--config` file)."""
+MODEL_FLAGS = ("bottom", "num_experts", "num_task_experts", "num_levels", "bottom_units", "tower_units",
+               "cross_layers", "cross_projection_dim", "cross_placement", "task_weights", "scale", "output_bias")
+"""Flags that override the `RankerConfig` field of the same name (None: not given, the preset's or file's)."""
 
 
 class TPUUnavailableError(RuntimeError):
@@ -72,6 +97,12 @@ class TrainingRun:
     history: dict[str, list[float]]
     steps: int
     """Optimizer steps taken in total, including those of the runs this one resumed."""
+    config: models.RankerConfig
+    held_out_split: str
+    """"validation" or "test": the split `held_out` was measured on."""
+    held_out: dict[str, float]
+    """Every metric on the held-out split at the end (`train_eval.HeldOut.evaluate`): per-task AUC or RMSE, ..."""
+    wall_seconds: float
 
 
 def _positive_int(flag: str):
@@ -111,14 +142,28 @@ def _int_list(flag: str, length: Optional[int] = None):
     return parse
 
 
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"--hparams must be a JSON object, got {text!r}: {error}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"--hparams must be a JSON object, got {text!r}")
-    return value
+def _non_negative_int(flag: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = -1
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"{flag} must be an integer >= 0, got {text!r}")
+        return value
+    return parse
+
+
+def _json_object(flag: str):
+    def parse(text: str) -> dict[str, Any]:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise argparse.ArgumentTypeError(f"{flag} must be a JSON object, got {text!r}: {error}") from None
+        if not isinstance(value, dict):
+            raise argparse.ArgumentTypeError(f"{flag} must be a JSON object, got {text!r}")
+        return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,15 +172,41 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dataset", choices=DATASETS, default="movielens_100k")
     add("--synthetic-examples", type=_positive_int("--synthetic-examples"), default=100_000,
         help="training examples of the synthetic dataset")
+    add("--synthetic-test-examples", type=_positive_int("--synthetic-test-examples"), default=10_000,
+        help="held-out examples of the synthetic dataset (the stream after the training examples)")
     add("--synthetic-vocabulary", type=_int_list("--synthetic-vocabulary"), default=(1_000, 10_000, 100_000),
         help="vocabulary sizes of the synthetic dataset's categorical features, comma-separated")
-    add("--preset", choices=tuple(models.PRESETS), default="small")
-    add("--scale", type=_positive_float("--scale"), default=1.0, help="multiplier of every hidden width")
+    model = parser.add_argument_group("model", "override the preset's or --config file's RankerConfig fields")
+    source = model.add_mutually_exclusive_group()
+    source.add_argument("--preset", choices=tuple(models.PRESETS), default=None, help="default: small")
+    source.add_argument("--config", default=None, help="a RankerConfig .yaml/.yml/.json file")
+    model.add_argument("--bottom", choices=models.BOTTOMS, default=None)
+    model.add_argument("--num-experts", type=_positive_int("--num-experts"), default=None,
+                       help="mmoe: experts; ple: shared experts per level")
+    model.add_argument("--num-task-experts", type=_positive_int("--num-task-experts"), default=None,
+                       help="ple: task-specific experts per task and level")
+    model.add_argument("--num-levels", type=_positive_int("--num-levels"), default=None, help="ple: levels")
+    model.add_argument("--bottom-units", type=_int_list("--bottom-units"), default=None,
+                       help="widths of the bottom (of each expert), comma-separated")
+    model.add_argument("--tower-units", type=_int_list("--tower-units"), default=None,
+                       help="hidden widths of each task's tower, comma-separated")
+    model.add_argument("--cross-layers", type=_non_negative_int("--cross-layers"), default=None,
+                       help="DCN-v2 cross layers on the input (0: none)")
+    model.add_argument("--cross-projection-dim", type=_positive_int("--cross-projection-dim"), default=None,
+                       help="rank of low-rank cross layers (default: full rank)")
+    model.add_argument("--cross-placement", choices=models.config.CROSS_PLACEMENTS, default=None)
+    model.add_argument("--task-weights", type=_json_object("--task-weights"), default=None,
+                       help='loss weight per task as JSON, e.g. \'{"income_50k": 2}\'')
+    model.add_argument("--output-bias", choices=models.config.OUTPUT_BIASES, default=None)
+    model.add_argument("--scale", type=_positive_float("--scale"), default=None,
+                       help="multiplier of every hidden width (default: the preset's or file's, 1)")
     add("--method", choices=tuple(METHODS), default="clippy")
-    add("--hparams", type=_json_object, default=None,
+    add("--hparams", type=_json_object("--hparams"), default=None,
         help="the method's hyper-parameters as JSON (default: the first of the paper's grid)")
     add("--include-embeddings", action="store_true", help="scale the embedding tables' updates too")
     add("--learning-rate", type=_positive_float("--learning-rate"), default=0.01)
+    add("--warmup-steps", type=_non_negative_int("--warmup-steps"), default=0,
+        help="ramp the learning rate linearly over this many first steps (LinearWarmup; 0: none)")
     add("--batch-size", type=_positive_int("--batch-size"), default=256, help="the global batch")
     add("--epochs", type=_positive_int("--epochs"), default=1)
     add("--shuffle-window", type=int, default=0, help="examples shuffled together; 0 keeps time order")
@@ -157,7 +228,46 @@ def build_parser() -> argparse.ArgumentParser:
     add("--log-dir", default=None, help="TensorBoard logs")
     add("--log-every", type=_positive_int("--log-every"), default=10, help="steps")
     add("--verbose", type=int, choices=(0, 1, 2), default=1, help="Keras: 0 silent, 1 progress bar, 2 per epoch")
+    add("--metrics-out", default=None, help="write the config, steps, wall time and held-out metrics as JSON")
+    add("--export-dir", default=None, help="write the serving SavedModel (Ranker.export) here at the end")
     return parser
+
+
+def ranker_config(args: argparse.Namespace) -> models.RankerConfig:
+    """The preset (or `--config` file) with the model flags that were given applied.
+
+    Raises:
+        ValueError: the file cannot be read or holds an unknown key or a bad value, or a flag's value is invalid
+            for the config; the message names the file or the flags.
+    """
+    if args.config:
+        try:
+            base = models.RankerConfig.load(args.config)
+        except FileNotFoundError:
+            raise ValueError(f"--config {args.config}: no such file") from None
+        except (OSError, ValueError, yaml.YAMLError) as error:
+            raise ValueError(f"--config {args.config}: {error}") from None
+    else:
+        base = models.RankerConfig.preset(args.preset or "small")
+    overrides = model_flags(args)
+    try:
+        return dataclasses.replace(base, **overrides)
+    except ValueError as error:
+        given = " ".join(f"--{name.replace('_', '-')} {_flag_text(value)}" for name, value in overrides.items())
+        raise ValueError(f"{given}: {error}") from None
+
+
+def model_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The model flags given on the command line, by RankerConfig field."""
+    return {name: getattr(args, name) for name in MODEL_FLAGS if getattr(args, name) is not None}
+
+
+def _flag_text(value: Any) -> str:
+    if isinstance(value, dict):
+        return json.dumps(value)
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -175,6 +285,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             f"--checkpoint-every ({args.checkpoint_every}) must be a multiple of --steps-per-execution "
             f"({args.steps_per_execution}): Keras returns to Python only between executions"
         )
+    # Checked now, not after hours of training.
+    if args.metrics_out and pathlib.Path(args.metrics_out).is_dir():
+        parser.error(f"--metrics-out must name a file, got the directory {args.metrics_out!r}")
+    if args.export_dir and pathlib.Path(args.export_dir).is_file():
+        parser.error(f"--export-dir must name a directory, got the file {args.export_dir!r}")
+    try:
+        args.ranker_config = ranker_config(args)
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
@@ -288,8 +407,10 @@ def make_strategy(args: argparse.Namespace) -> tf.distribute.Strategy:
 
 def load_splits(args: argparse.Namespace) -> data.Splits:
     if args.dataset == "synthetic":
+        # The test split is the stream after the training examples: its size changes no training example.
         return data.synthetic(
-            num_train=args.synthetic_examples, num_test=0, vocabulary_sizes=args.synthetic_vocabulary, seed=args.seed
+            num_train=args.synthetic_examples, num_test=args.synthetic_test_examples,
+            vocabulary_sizes=args.synthetic_vocabulary, seed=args.seed,
         )
     return getattr(data, args.dataset)()
 
@@ -297,9 +418,10 @@ def load_splits(args: argparse.Namespace) -> data.Splits:
 def build_optimizer(args: argparse.Namespace) -> Any:
     """The method with `--hparams` (default: the paper's first grid point), exporting factors if logging."""
     hyperparameters = dict(PAPER_GRIDS[args.method][0] if args.hparams is None else args.hparams)
+    learning_rate = LinearWarmup(args.learning_rate, args.warmup_steps) if args.warmup_steps else args.learning_rate
     try:
         return tfrs_clippy.build_optimizer(
-            args.method, args.learning_rate, include_embeddings=args.include_embeddings,
+            args.method, learning_rate, include_embeddings=args.include_embeddings,
             export_clipping_factors=args.log_dir is not None, **hyperparameters,
         )
     except (TypeError, ValueError) as error:
@@ -308,14 +430,21 @@ def build_optimizer(args: argparse.Namespace) -> Any:
 
 def build_model_and_optimizer(args: argparse.Namespace, spec: data.DatasetSpec,
                               strategy: tf.distribute.Strategy) -> tuple[models.Ranker, Any]:
-    """The compiled ranker and its optimizer, slots built, all under `strategy`'s scope.
+    """The compiled ranker of `args.ranker_config` and its optimizer, slots built, all under `strategy`'s scope.
 
     Slots are built here rather than in the first step: with several workers tracing the first step at once, each
     would try to create them.
+
+    Raises:
+        ValueError: the config does not fit the dataset (e.g. `task_weights` names a task it lacks).
     """
     keras.utils.set_random_seed(args.seed)
     with strategy.scope():
-        model = models.build_ranker(spec, models.RankerConfig.preset(args.preset, scale=args.scale))
+        try:
+            model = models.build_ranker(spec, args.ranker_config)
+        except ValueError as error:
+            source = f"--config {args.config}" if args.config else "the model flags"
+            raise ValueError(f"{source} on --dataset {args.dataset}: {error}") from None
         optimizer = build_optimizer(args)
         optimizer.build(model.trainable_variables)
         model.compile(optimizer=optimizer, steps_per_execution=args.steps_per_execution,
@@ -400,6 +529,14 @@ class EpochScalarLogger(keras.callbacks.Callback):
         self._write("epoch/", logs)
         self.writer.flush()
 
+    def write_scalars(self, prefix: str, values: dict[str, float]) -> None:
+        """Writes `values` at the current step (results computed outside `fit`: the held-out metrics under PS)."""
+        step = optimizer_step(self.model.optimizer)
+        with self.writer.as_default():
+            for name, value in values.items():
+                write_scalar(f"{prefix}{name}", float(value), step)
+        self.writer.flush()
+
 
 class ScalarLogger(EpochScalarLogger):
     """Also writes the batch logs and factors every `every_n_steps` steps (batch hooks: not under PS)."""
@@ -410,6 +547,35 @@ class ScalarLogger(EpochScalarLogger):
 
 
 # Training -------------------------------------------------------------------------------------------------------
+
+
+def _resolve_resumed_config(directory: pathlib.Path, args: argparse.Namespace) -> None:
+    """Records the effective ranker config beside the checkpoints, or takes the recorded one on a resume.
+
+    On a resume without --preset or --config, the model flags given apply to the recorded config (so the same
+    command, or one with no model flags, resumes the same model); the resulting model must be the recorded one,
+    else the rerun is refused, naming the fields (the checkpoint would not restore into another model).
+    """
+    path = directory / CONFIG_FILE
+    if not path.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(args.ranker_config.to_dict(), indent=1) + "\n", encoding="utf-8")
+        return
+    recorded = models.RankerConfig.load(path)
+    wanted = args.ranker_config
+    if not (args.preset or args.config):
+        try:
+            wanted = dataclasses.replace(recorded, **model_flags(args))
+        except ValueError as error:
+            raise ValueError(f"--checkpoint-dir {directory}: the model flags do not apply to {path}: {error}") from None
+    if recorded != wanted:
+        ours, theirs = wanted.to_dict(), recorded.to_dict()
+        changed = ", ".join(f"{name} {ours[name]} (was {theirs[name]})" for name in ours if ours[name] != theirs[name])
+        raise ValueError(
+            f"--checkpoint-dir {directory} holds a run of another ranker: {changed}. Rerun with the same model, "
+            f"or with no model flags to resume with {path}."
+        )
+    args.ranker_config = recorded
 
 
 def _check_resumable(directory: pathlib.Path, args: argparse.Namespace) -> None:
@@ -428,13 +594,17 @@ def _check_resumable(directory: pathlib.Path, args: argparse.Namespace) -> None:
         path.write_text(json.dumps(stream, indent=1), encoding="utf-8")
 
 
-def training_input(args: argparse.Namespace, strategy: tf.distribute.Strategy, skip: int) -> Any:
-    """The global batches after the first `skip`, as `fit` takes them under `strategy`."""
+def training_input(args: argparse.Namespace, strategy: tf.distribute.Strategy, skip: int,
+                   train_examples: Optional[tf.data.Dataset] = None) -> Any:
+    """The global batches after the first `skip`, as `fit` takes them under `strategy`.
 
-    def batches() -> tf.data.Dataset:
-        train_examples = load_splits(args).train
+    `train_examples` is the training split if already loaded (else it is loaded: Census-Income takes ~20 s);
+    under ParameterServerStrategy each worker loads its own.
+    """
+
+    def batches(examples: tf.data.Dataset) -> tf.data.Dataset:
         return data.make_pipeline(
-            train_examples, args.batch_size, shuffle_window=args.shuffle_window, seed=args.seed, epochs=args.epochs,
+            examples, args.batch_size, shuffle_window=args.shuffle_window, seed=args.seed, epochs=args.epochs,
             drop_remainder=True,
         ).skip(skip)
 
@@ -443,56 +613,112 @@ def training_input(args: argparse.Namespace, strategy: tf.distribute.Strategy, s
         # repeated so that no worker runs dry while steps are still scheduled. Workers take steps as they come
         # free, so which examples a step reads is not fixed: a resumed run skips the same number of batches.
         def per_worker(context: tf.distribute.InputContext) -> tf.data.Dataset:
-            return batches().shard(context.num_input_pipelines, context.input_pipeline_id).repeat()
+            own = batches(load_splits(args).train)
+            return own.shard(context.num_input_pipelines, context.input_pipeline_id).repeat()
         return keras.utils.experimental.DatasetCreator(per_worker)
+    if train_examples is None:
+        train_examples = load_splits(args).train
     if args.strategy == "default":
-        return batches()
+        return batches(train_examples)
     # Distributed explicitly, as `fit` would: each replica gets its contiguous slice of every global batch.
-    return strategy.experimental_distribute_dataset(batches())
+    return strategy.experimental_distribute_dataset(batches(train_examples))
 
 
 def train(args: argparse.Namespace) -> TrainingRun:
-    """Builds, restores (if a checkpoint exists), trains and checkpoints the run of `args`."""
+    """Builds, restores (if a checkpoint exists), trains, evaluates, checkpoints and exports the run of `args`."""
+    started = time.monotonic()
     strategy = make_strategy(args)
+    directory = pathlib.Path(args.checkpoint_dir) if args.checkpoint_dir else None
+    if directory is not None:
+        _check_resumable(directory, args)
+        _resolve_resumed_config(directory, args)  # before building: a resumed run may take the recorded model
     splits = load_splits(args)
     model, optimizer = build_model_and_optimizer(args, splits.spec, strategy)
     steps_per_epoch = int(splits.train.cardinality()) // args.batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"--batch-size {args.batch_size} exceeds the {int(splits.train.cardinality())} examples.")
     total_steps = min(steps_per_epoch * args.epochs, args.max_steps or sys.maxsize)
-    # ParameterServerStrategy forbids batch-level callbacks: there, checkpoints and logs are per epoch.
-    batch_hooks = not isinstance(strategy, tf.distribute.experimental.ParameterServerStrategy)
+    parameter_server = isinstance(strategy, tf.distribute.experimental.ParameterServerStrategy)
+    # ParameterServerStrategy forbids batch-level callbacks (checkpoints and logs are per epoch there) and a
+    # per-step progress bar (Keras refuses verbose=1).
+    batch_hooks = not parameter_server
+    verbose = 2 if parameter_server and args.verbose == 1 else args.verbose
+    chief = train_eval.is_chief(strategy)
+    held_out = train_eval.HeldOut(
+        splits, args.batch_size, strategy, args.ranker_config,
+        drop_remainder=isinstance(strategy, tf.distribute.TPUStrategy),
+    )
+    evaluation = train_eval.HeldOutEvaluation(held_out, lambda: optimizer_step(optimizer), chief)
 
-    callbacks: list[keras.callbacks.Callback] = []
-    if args.checkpoint_dir:
-        directory = pathlib.Path(args.checkpoint_dir)
-        _check_resumable(directory, args)
+    # Our own progress bar (Keras then adds none), so that the evaluation's line follows the epoch's; the
+    # evaluation comes before the loggers, which write the held-out results it adds to the epoch logs.
+    callbacks: list[keras.callbacks.Callback] = [keras.callbacks.ProgbarLogger(count_mode="steps"), evaluation]
+    if directory is not None:
         manager = tf.train.CheckpointManager(make_checkpoint(model, optimizer), str(directory), max_to_keep=3)
         if manager.latest_checkpoint:
             make_checkpoint(model, optimizer).restore(manager.latest_checkpoint).assert_existing_objects_matched()
         callbacks.append((CheckpointSaver if batch_hooks else EpochCheckpointSaver)(manager, args.checkpoint_every))
+    scalar_logger = None
     if args.log_dir:
-        callbacks.append((ScalarLogger if batch_hooks else EpochScalarLogger)(args.log_dir, args.log_every))
+        scalar_logger = (ScalarLogger if batch_hooks else EpochScalarLogger)(args.log_dir, args.log_every)
+        callbacks.append(scalar_logger)
 
-    done = optimizer_step(optimizer)
+    first_step = done = optimizer_step(optimizer)
     history: dict[str, list[float]] = {}
-    # One `fit` per run of whole epochs, one per part of an epoch (a resumed one's rest, a --max-steps one's start).
+    # One `fit` per run of whole epochs, one per part of an epoch (a resumed one's rest, a --max-steps one's start);
+    # under ParameterServerStrategy one per epoch, evaluated in between (see train_eval.py).
     while done < total_steps:
         epoch = done // steps_per_epoch
         epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
         whole_epochs = done % steps_per_epoch == 0 and epoch_end - done == steps_per_epoch
-        last_epoch = total_steps // steps_per_epoch if whole_epochs else epoch + 1
+        last_epoch = total_steps // steps_per_epoch if whole_epochs and not parameter_server else epoch + 1
         steps = steps_per_epoch if whole_epochs else epoch_end - done
         fitted = model.fit(
-            training_input(args, strategy, done), epochs=last_epoch, initial_epoch=epoch,
-            steps_per_epoch=steps, callbacks=callbacks, verbose=args.verbose,
+            training_input(args, strategy, done, splits.train), epochs=last_epoch, initial_epoch=epoch,
+            steps_per_epoch=steps, callbacks=callbacks, verbose=verbose,
         )
         for key, values in fitted.history.items():
             history.setdefault(key, []).extend(float(v) for v in values)
         if optimizer_step(optimizer) == done:
             raise RuntimeError(f"train.py: fit took no step at step {done}; the data stream ended early.")
         done = optimizer_step(optimizer)
-    return TrainingRun(strategy, model, optimizer, history, done)
+        if parameter_server:
+            held_out_logs = evaluation.after_fit(model, epoch + 1)
+            for key, value in held_out_logs.items():
+                history.setdefault(key, []).append(value)
+            if scalar_logger is not None:
+                scalar_logger.write_scalars("epoch/", held_out_logs)
+
+    # The last epoch's evaluation when it was at this step; a fresh one when no step was taken (a finished run).
+    final = evaluation.evaluate_now(model, epoch=None)
+    wall_seconds = time.monotonic() - started
+    if args.export_dir:
+        train_eval.export(model, held_out, args.export_dir, chief)
+    if chief and args.metrics_out:
+        train_eval.write_metrics(args.metrics_out, held_out, evaluation, final, {
+            "dataset": args.dataset,
+            "strategy": args.strategy,
+            "replicas": int(strategy.num_replicas_in_sync),
+            "steps": done,
+            "steps_this_run": done - first_step,
+            "wall_seconds": round(wall_seconds, 3),
+            "ranker_config": args.ranker_config.to_dict(),
+            "flags": _flags_record(args),
+        })
+    if chief:
+        print(
+            f"train.py: {args.dataset}, {args.ranker_config.bottom}, {args.method}: {done} steps "
+            f"({done - first_step} in this run) in {wall_seconds:.1f} s; held-out {held_out.describe(final)}",
+            flush=True,
+        )
+    return TrainingRun(strategy, model, optimizer, history, done, args.ranker_config, held_out.split, final,
+                       wall_seconds)
+
+
+def _flags_record(args: argparse.Namespace) -> dict[str, Any]:
+    """Every flag's value as JSON (the resolved config is recorded on its own)."""
+    flags = {name: value for name, value in vars(args).items() if name != "ranker_config"}
+    return json.loads(json.dumps(flags, default=str))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> TrainingRun:

@@ -2,9 +2,11 @@
 
 Default-strategy runs happen in this process; MirroredStrategy (2 logical CPUs) and ParameterServerStrategy
 (an in-process cluster of 2 workers and 2 parameter servers) in subprocesses (`scripts/dist_train.py`), whose
-checkpoints are then restored here, under the default strategy.
+checkpoints are then restored here, under the default strategy; so are their held-out metrics, which must equal
+`model.evaluate` of the restored model. Model flags, evaluation and export: `test_train_eval.py`.
 """
 
+import json
 import os
 import pathlib
 import re
@@ -17,6 +19,7 @@ import pytest
 import tensorflow as tf
 
 import models
+from tfrs_clippy import data
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -28,6 +31,7 @@ DIST_TRAIN = ROOT / "tests" / "scripts" / "dist_train.py"
 RUN_FLAGS = [
     "--dataset", "synthetic", "--synthetic-examples", "2048", "--synthetic-vocabulary", "100,1000",
     "--scale", "0.0625", "--batch-size", "128", "--learning-rate", "0.05", "--include-embeddings", "--verbose", "0",
+    "--synthetic-test-examples", "300",  # held out: 2 full batches and a partial one, evaluated after each epoch
 ]
 EPOCHS = ["--epochs", "2"]
 
@@ -50,11 +54,29 @@ def restore_under_default(flags: list[str], checkpoint_dir: pathlib.Path, with_o
         model, optimizer = train.build_model_and_optimizer(args, spec, tf.distribute.get_strategy())
         checkpoint = train.make_checkpoint(model, optimizer)
     else:  # not compiled: the model then tracks no optimizer
-        model, optimizer = models.build_ranker(spec, models.RankerConfig.preset(args.preset, scale=args.scale)), None
+        model, optimizer = models.build_ranker(spec, args.ranker_config), None
         checkpoint = tf.train.Checkpoint(model=model)
     status = checkpoint.restore(tf.train.latest_checkpoint(str(checkpoint_dir)))
     status.assert_existing_objects_matched()
     return model, optimizer
+
+
+def evaluate_on_test_split(model, flags: list[str]) -> dict[str, float]:
+    """`model.evaluate` on the synthetic test split, batched as train.py batches it (the reference numbers)."""
+    args = train.parse_args(flags)
+    if getattr(model, "optimizer", None) is None:
+        model.compile()
+    batches = data.make_pipeline(train.load_splits(args).test, args.batch_size)
+    return model.evaluate(batches, verbose=0, return_dict=True)
+
+
+def assert_held_out_equals(metrics_file: pathlib.Path, expected: dict[str, float], atol: float = 1e-6) -> None:
+    """The --metrics-out file's per-task held-out metrics equal `expected`'s (binary: AUC; regression: RMSE)."""
+    record = json.loads(metrics_file.read_text())
+    assert record["held_out_split"] == "test" and record["held_out_examples"] == 300
+    assert sorted(record["held_out"]) == ["binary_0_auc", "binary_1_auc", "regression_0_rmse"]
+    for name, value in record["held_out"].items():
+        assert value == pytest.approx(expected[name], abs=atol), name
 
 
 def saved_values(saved: dict[str, np.ndarray], key: str = "weights") -> list[np.ndarray]:
@@ -72,7 +94,8 @@ def uninterrupted(tmp_path_factory):
     """The reference: 2 epochs on one device in one go, with checkpoints and logs."""
     directory = tmp_path_factory.mktemp("uninterrupted")
     run = train.main(RUN_FLAGS + EPOCHS + ["--checkpoint-dir", str(directory / "ckpt"), "--log-dir",
-                                           str(directory / "logs"), "--log-every", "4"])
+                                           str(directory / "logs"), "--log-every", "4", "--metrics-out",
+                                           str(directory / "metrics.json")])
     return run, directory
 
 
@@ -119,18 +142,22 @@ def test_run_writes_checkpoints_and_tensorboard_logs(uninterrupted):
     for path in (directory / "logs").glob("events.out.tfevents.*"):
         for event in tf.compat.v1.train.summary_iterator(str(path)):
             tags.update(value.tag for value in event.summary.value)
-    assert {"batch/loss", "epoch/loss", "clipping_factor/min"} <= tags
+    assert {"batch/loss", "epoch/loss", "clipping_factor/min", "epoch/test_binary_0_auc",
+            "epoch/test_regression_0_rmse"} <= tags
     # Keras numbers the ranker ("ranker_3") when other tests in the process built one first.
     assert any(re.match(r"clipping_factor/ranker(_\d+)?/embedding/", tag) for tag in tags), sorted(tags)
     assert np.all(np.isfinite(run.history["loss"])) and len(run.history["loss"]) == 2
 
 
 def test_resumed_run_equals_the_uninterrupted_run(uninterrupted, tmp_path):
-    run, _ = uninterrupted
+    run, directory = uninterrupted
     flags = RUN_FLAGS + EPOCHS + ["--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "4"]
     assert train.main(flags + ["--max-steps", "21"]).steps == 21  # "preempted" in the middle of epoch 2
-    resumed = train.main(flags)
+    resumed = train.main(flags + ["--metrics-out", str(tmp_path / "metrics.json")])
     assert resumed.steps == 32
+    # The resumed run evaluates (its partial epoch 2, then the end) as the uninterrupted one did.
+    assert resumed.history["test_binary_0_auc"][-1] == pytest.approx(run.history["test_binary_0_auc"][-1], abs=1e-6)
+    assert_held_out_equals(tmp_path / "metrics.json", json.loads((directory / "metrics.json").read_text())["held_out"])
     for ours, theirs in zip(trainable(resumed.model), trainable(run.model)):
         np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6)
     for ours, theirs in zip(resumed.model.trainable_variables, run.model.trainable_variables):
@@ -150,7 +177,8 @@ def test_resuming_with_another_batch_size_is_refused(tmp_path):
 def test_mirrored_run_equals_one_device_and_restores_under_default(uninterrupted, tmp_path):
     run, _ = uninterrupted
     flags = RUN_FLAGS + EPOCHS + ["--checkpoint-dir", str(tmp_path / "ckpt")]
-    saved = run_in_subprocess(tmp_path, flags + ["--strategy", "mirrored", "--virtual-cpus", "2"])
+    saved = run_in_subprocess(tmp_path, flags + ["--strategy", "mirrored", "--virtual-cpus", "2",
+                                                 "--metrics-out", str(tmp_path / "metrics.json")])
     assert int(saved["steps"]) == 32
     for ours, theirs in zip(saved_values(saved, "trainable"), trainable(run.model)):
         np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)  # 2 replicas = one device, same global batch
@@ -161,6 +189,8 @@ def test_mirrored_run_equals_one_device_and_restores_under_default(uninterrupted
     assert len(slots) == sum(key.startswith("optimizer/") for key in saved)
     for i, slot in enumerate(slots):
         np.testing.assert_array_equal(slot, saved[f"optimizer/{i}"])
+    # Evaluated on 2 replicas, the held-out metrics are those of the same weights evaluated on one device.
+    assert_held_out_equals(tmp_path / "metrics.json", evaluate_on_test_split(model, flags))
 
 
 PS_FLAGS = RUN_FLAGS + ["--epochs", "1", "--ps-min-shard-bytes", "4096"]
@@ -170,7 +200,8 @@ PS_FLAGS = RUN_FLAGS + ["--epochs", "1", "--ps-min-shard-bytes", "4096"]
 def parameter_server_run(tmp_path_factory):
     directory = tmp_path_factory.mktemp("ps")
     flags = PS_FLAGS + ["--checkpoint-dir", str(directory / "ckpt"), "--log-dir", str(directory / "logs")]
-    saved = run_in_subprocess(directory, flags + ["--strategy", "parameter_server", "--local-cluster", "2,2"])
+    saved = run_in_subprocess(directory, flags + ["--strategy", "parameter_server", "--local-cluster", "2,2",
+                                                  "--metrics-out", str(directory / "metrics.json")])
     return saved, flags, directory
 
 
@@ -180,7 +211,11 @@ def test_parameter_server_trains_sharded_tables_with_exported_factors(parameter_
     assert int(saved["steps"]) == 16
     assert int(saved["max_shards"]) == 2  # the 1000 x 16 table (64 KB) is cut in two
     assert all(np.all(np.isfinite(w)) for w in saved_values(saved))
-    assert list((directory / "logs").glob("events.out.tfevents.*"))
+    tags = set()
+    for path in (directory / "logs").glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            tags.update(value.tag for value in event.summary.value)
+    assert {"epoch/loss", "epoch/test_binary_0_auc", "epoch/test_regression_0_rmse"} <= tags
 
 
 @pytest.mark.slow
@@ -189,6 +224,8 @@ def test_parameter_server_checkpoint_restores_model_weights_under_default(parame
     model, _ = restore_under_default(flags, directory / "ckpt", with_optimizer=False)
     for ours, theirs in zip(model.get_weights(), saved_values(saved)):
         np.testing.assert_array_equal(ours, theirs)
+    # The chief evaluated a one-device copy of the sharded model: the restored checkpoint's numbers, exactly.
+    assert_held_out_equals(directory / "metrics.json", evaluate_on_test_split(model, flags), atol=0)
 
 
 @pytest.mark.slow
