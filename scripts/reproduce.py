@@ -39,18 +39,15 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
-REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPOSITORY))  # `models` lives at the repository root, beside the installed tfrs_clippy
+import numpy as np
+import tensorflow as tf
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-import models  # noqa: E402
-from tfrs_clippy import reporting  # noqa: E402
-from tfrs_clippy.data import Splits, census_income, make_pipeline, movielens_100k, synthetic  # noqa: E402
-from tfrs_clippy.keras_runtime import LEGACY_KERAS, keras  # noqa: E402
-from tfrs_clippy.optimizers import PAPER_GRIDS, LinearWarmup, build_optimizer  # noqa: E402
-from tfrs_clippy.stability import ClippingFactorLogger, DivergenceMonitor, RollbackOnDivergence  # noqa: E402
+import models
+from tfrs_clippy import reporting
+from tfrs_clippy.data import Splits, census_income, make_pipeline, movielens_100k, synthetic
+from tfrs_clippy.keras_runtime import LEGACY_KERAS, keras
+from tfrs_clippy.optimizers import PAPER_GRIDS, LinearWarmup, build_optimizer
+from tfrs_clippy.stability import ClippingFactorLogger, DivergenceMonitor, RollbackOnDivergence
 
 RECORD_VERSION = 2
 """Part of every run's config, hence of its key: bump it when a change to this script changes results."""
@@ -139,7 +136,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="RollbackOnDivergence's learning-rate factor per rollback")
     parser.add_argument("--warmup-steps", type=int, default=None,
                         help="linear learning-rate warm-up (LinearWarmup) of every method over this many steps; "
-                             f"default: {WARMUP_FRACTION:.0%} of a run's steps, rounded; 0: none")
+                             f"default: {WARMUP_FRACTION:.0%}% of a run's steps, rounded; 0: none")
     parser.add_argument("--output-bias", default="label_prior",
                         help=f"initial bias of each task's logit layer, one of {list(OUTPUT_BIASES)} "
                              "(RankerConfig.output_bias)")

@@ -98,3 +98,11 @@ def test_warmup_and_output_bias_flags_change_the_config_and_its_key():
                           (["--output-bias", "mean"], "--output-bias must be among")):
         with pytest.raises(ValueError, match=re.escape(message)):
             reproduce.parse_args(args)
+
+
+def test_help_prints_every_flag():
+    # argparse %-formats help strings: a bare "%" in one (e.g. "10% of the steps") made --help crash.
+    result = _run("--help")
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = " ".join(result.stdout.split())  # argparse wraps the help text
+    assert "--warmup-steps" in text and "10% of a run's steps" in text
