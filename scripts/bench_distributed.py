@@ -32,8 +32,7 @@ REPLICA_FLAGS = {1: ["--strategy", "default"], 2: ["--strategy", "mirrored", "--
 
 def measure(argv: list[str]) -> dict:
     """In this (child) process: trains 2 epochs with train.py's pieces; examples/s of the second."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import train  # pylint: disable=import-outside-toplevel
+    import train  # pylint: disable=import-outside-toplevel  (beside this script: on sys.path when it runs)
 
     args = train.parse_args(argv)
     strategy = train.make_strategy(args)

@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
-import reproduce  # scripts/ is on sys.path when this file runs; it also puts the repository root there
+import reproduce  # scripts/ is on sys.path when this file runs
 from tfrs_clippy import reporting
 
 DEFAULT_LEARNING_RATES = "0.005,0.01,0.02,0.04,0.08,0.16,0.32"

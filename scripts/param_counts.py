@@ -11,14 +11,10 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import sys
 
-# `models` sits beside `tfrs_clippy` at the repository root; an editable install made before it existed lacks it.
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-import models  # noqa: E402  (after the path set-up above)
-from tfrs_clippy.data import DatasetSpec, movielens_100k, synthetic  # noqa: E402
-from tfrs_clippy.keras_runtime import keras  # noqa: E402
+import models
+from tfrs_clippy.data import DatasetSpec, movielens_100k, synthetic
+from tfrs_clippy.keras_runtime import keras
 
 PAPER_NON_EMBEDDING = {"small": 7.5e6, "large": 57.0e6, "large_dcn": 68.0e6}
 """Clippy (Tang et al. 2023), section 5: non-embedding parameters of Small, Large and Large+DCN."""

@@ -58,7 +58,6 @@ os.environ["TF_USE_LEGACY_KERAS"] = "1"  # the rankers are tfrs.Models: Keras 2 
 
 import tensorflow as tf  # noqa: E402
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import models  # noqa: E402
 import tfrs_clippy  # noqa: E402
 from tfrs_clippy import data  # noqa: E402
