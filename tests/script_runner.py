@@ -1,8 +1,10 @@
-"""Runs a test helper script in a fresh process (strategies and servers outlive a test) and reads its JSON line."""
+"""Test helper processes: run a script in a fresh process (strategies and servers outlive a test) and read its JSON
+line; free loopback ports for their clusters."""
 
 import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -14,3 +16,15 @@ def run_json_script(script: pathlib.Path, timeout: float, *args: str) -> dict:
                              timeout=timeout)
     assert process.returncode == 0, process.stderr[-3000:]
     return json.loads(process.stdout.strip().splitlines()[-1])
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports the OS reports free on 127.0.0.1 (held open together, so they are distinct)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()

@@ -7,28 +7,16 @@ ports, bounds them in time, and compares their final weights with one process at
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from script_runner import free_ports
 
 SCRIPT = pathlib.Path(__file__).parent / "scripts" / "dist_multi_worker.py"
 WORKERS = 2
 TIMEOUT_SECONDS = 150
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports the OS reports free on 127.0.0.1 (held open together, so they are distinct)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,13 @@ import io
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from script_runner import free_ports
 
 import models
 from tfrs_clippy import data
@@ -306,17 +306,6 @@ def test_census_income_mmoe_reports_validation_auc_for_both_tasks(tmp_path):
     assert list(record["held_out"]) == ["income_50k_auc", "never_married_auc"]
     assert all(0 < value < 1 for value in record["held_out"].values())
     assert run.history["val_income_50k_auc"] == [record["held_out"]["income_50k_auc"]]
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 @pytest.mark.slow
