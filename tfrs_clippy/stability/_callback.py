@@ -1,4 +1,5 @@
-"""What the stability callbacks share: a training-step counter, acting every N steps, and TensorBoard scalars."""
+"""What the stability callbacks share: a training-step counter, acting every N steps, TensorBoard scalars, and the
+check that an optimizer keeps the clipping factors a callback reads."""
 
 from __future__ import annotations
 
@@ -8,6 +9,32 @@ import tensorflow as tf
 
 from tfrs_clippy.keras_runtime import keras
 from tfrs_clippy.stability import _summary
+
+
+def require_clipping_factors(optimizer: Any, reader: str, turn_on_before_build: bool) -> None:
+    """Raises a ValueError naming `reader` unless `optimizer` keeps per-variable clipping factors.
+
+    tfrs_clippy's optimizers have `clipping_factors_by_name()` but keep factors only with
+    `export_clipping_factors=True`, a setting they read when they make a variable's slots (at the first step). With
+    `turn_on_before_build`, an optimizer that has made no slots yet gets the export turned on instead of an error.
+    """
+    if not callable(getattr(optimizer, "clipping_factors_by_name", None)):
+        raise ValueError(
+            f"{reader} needs clipping factors, but the model's optimizer {type(optimizer).__name__} has no "
+            "`clipping_factors_by_name()`; use ClippyAdagrad or a method of `build_optimizer`."
+        )
+    if getattr(optimizer, "export_clipping_factors", True) is True:
+        return
+    # A non-finite step counter is among every variable's slots. (Keras 2's optimizer base keeps no public "built"
+    # flag, and ours none at all.)
+    if turn_on_before_build and not optimizer.nonfinite_steps_by_name():
+        optimizer.export_clipping_factors = True
+        return
+    raise ValueError(
+        f"The model's optimizer {type(optimizer).__name__} was built with export_clipping_factors="
+        f"{optimizer.export_clipping_factors!r}, so it keeps no clipping factors for {reader}; create it with "
+        "export_clipping_factors=True."
+    )
 
 
 class PeriodicCallback(keras.callbacks.Callback):

@@ -68,19 +68,7 @@ class ClippingFactorLogger(_callback.PeriodicCallback):
         self._epoch_start_index = 0
 
     def on_train_begin(self, logs: Optional[Dict[str, Any]] = None) -> None:
-        optimizer = self.model.optimizer
-        if not callable(getattr(optimizer, "clipping_factors_by_name", None)):
-            raise ValueError(
-                f"The model's optimizer {type(optimizer).__name__} has no `clipping_factors_by_name()`; "
-                "use ClippyAdagrad with export_clipping_factors=True (or a baseline that exports factors)."
-            )
-        # tfrs_clippy's optimizers have the method but keep no factors unless asked to when built.
-        if getattr(optimizer, "export_clipping_factors", True) is not True:
-            raise ValueError(
-                f"The model's optimizer {type(optimizer).__name__} was built with export_clipping_factors="
-                f"{optimizer.export_clipping_factors!r}; build it with export_clipping_factors=True to log its "
-                "clipping factors."
-            )
+        _callback.require_clipping_factors(self.model.optimizer, "ClippingFactorLogger", turn_on_before_build=False)
         super().on_train_begin(logs)
 
     def on_epoch_begin(self, epoch: int, logs: Optional[Dict[str, Any]] = None) -> None:

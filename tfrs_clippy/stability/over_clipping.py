@@ -28,12 +28,6 @@ class OverClippingWarning(UserWarning):
     """A variable's updates have been almost entirely clipped away for a window of steps."""
 
 
-def _has_slots(optimizer: Any) -> bool:
-    # A tfrs_clippy optimizer reads `export_clipping_factors` when it makes a variable's slots, a non-finite step
-    # counter among them. (Keras 2's optimizer base keeps no public "built" flag, and ours none at all.)
-    return bool(optimizer.nonfinite_steps_by_name())
-
-
 class OverClippingMonitor(_callback.PeriodicCallback):
     """Warns once per variable whose clipping factor stays below `threshold` for `window` steps.
 
@@ -72,21 +66,7 @@ class OverClippingMonitor(_callback.PeriodicCallback):
         self._supports_tf_logs = True
 
     def on_train_begin(self, logs: Optional[Dict[str, Any]] = None) -> None:
-        optimizer = self.model.optimizer
-        if not callable(getattr(optimizer, "clipping_factors_by_name", None)):
-            raise ValueError(
-                f"OverClippingMonitor needs clipping factors, but the model's optimizer {type(optimizer).__name__} "
-                "has no `clipping_factors_by_name()`; use ClippyAdagrad or a method of `build_optimizer`."
-            )
-        if getattr(optimizer, "export_clipping_factors", True) is not True:
-            if _has_slots(optimizer):
-                raise ValueError(
-                    f"The model's optimizer {type(optimizer).__name__} was built with export_clipping_factors="
-                    f"{optimizer.export_clipping_factors!r}, so it keeps no clipping factors for OverClippingMonitor; "
-                    "create it with export_clipping_factors=True."
-                )
-            # Read when the optimizer builds its slots, in the first training step.
-            optimizer.export_clipping_factors = True
+        _callback.require_clipping_factors(self.model.optimizer, "OverClippingMonitor", turn_on_before_build=True)
         super().on_train_begin(logs)
 
     def on_epoch_begin(self, epoch: int, logs: Optional[Dict[str, Any]] = None) -> None:
