@@ -29,6 +29,7 @@ import tensorflow as tf
 
 from tfrs_clippy.data import ids as ids_module
 from tfrs_clippy.data import tables
+from tfrs_clippy.data.arguments import is_int, is_number, require
 from tfrs_clippy.data.pipeline import examples_from_chunks
 from tfrs_clippy.data.spec import DatasetSpec, FeatureSpec, TaskSpec, with_training_label_means
 
@@ -85,20 +86,8 @@ class _Teacher:
         return tf.cos(angle)[:, None] * start + tf.sin(angle)[:, None] * end
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    """A finite real number (NaN and Inf would make every label NaN)."""
-    real = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-    return real and math.isfinite(value)
-
-
 def _require(valid: bool, argument: str, requirement: str, value: object) -> None:
-    """Raises a ValueError naming the dataset, the argument, what it must be and the value it got, unless `valid`."""
-    if not valid:
-        raise ValueError(f"{NAME}: `{argument}` must be {requirement}, got {value!r}.")
+    require(NAME, valid, argument, requirement, value)
 
 
 def synthetic(
@@ -145,19 +134,19 @@ def synthetic(
     Raises:
         ValueError: An argument of the wrong type or out of range, named with its value.
     """
-    _require(_is_int(num_train) and num_train >= 1, "num_train", "an int >= 1", num_train)
-    _require(_is_int(num_test) and num_test >= 0, "num_test", "an int >= 0", num_test)
+    _require(is_int(num_train) and num_train >= 1, "num_train", "an int >= 1", num_train)
+    _require(is_int(num_test) and num_test >= 0, "num_test", "an int >= 0", num_test)
     _require(len(vocabulary_sizes) >= 1, "vocabulary_sizes", "a non-empty sequence", vocabulary_sizes)
     for size in vocabulary_sizes:
-        _require(_is_int(size) and 2 <= size < 1 << 31, "vocabulary_sizes", "ints in [2, 2**31)", size)
-    _require(_is_number(zipf_exponent) and zipf_exponent > 0, "zipf_exponent", "a finite number > 0", zipf_exponent)
-    _require(_is_int(numeric_dim) and numeric_dim >= 1, "numeric_dim", "an int >= 1", numeric_dim)
+        _require(is_int(size) and 2 <= size < 1 << 31, "vocabulary_sizes", "ints in [2, 2**31)", size)
+    _require(is_number(zipf_exponent) and zipf_exponent > 0, "zipf_exponent", "a finite number > 0", zipf_exponent)
+    _require(is_int(numeric_dim) and numeric_dim >= 1, "numeric_dim", "an int >= 1", numeric_dim)
     _require(len(task_kinds) >= 1, "task_kinds", "a non-empty sequence", task_kinds)
     for kind in task_kinds:
         _require(kind in ("binary", "regression"), "task_kinds", "'binary' or 'regression' per task", kind)
-    _require(_is_number(drift), "drift", "a finite number (radians per million examples)", drift)
-    _require(_is_int(embedding_dim) and embedding_dim >= 1, "embedding_dim", "an int >= 1", embedding_dim)
-    _require(_is_int(seed) and -(1 << 63) <= seed < 1 << 63, "seed", "an int64", seed)
+    _require(is_number(drift), "drift", "a finite number (radians per million examples)", drift)
+    _require(is_int(embedding_dim) and embedding_dim >= 1, "embedding_dim", "an int >= 1", embedding_dim)
+    _require(is_int(seed) and -(1 << 63) <= seed < 1 << 63, "seed", "an int64", seed)
     tasks, counts = [], {"binary": 0, "regression": 0}
     for kind in task_kinds:
         tasks.append(TaskSpec(name=f"{kind}_{counts[kind]}", kind=kind))
