@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from tfrs_clippy.data.arguments import is_number
 
 FEATURE_KINDS = ("categorical", "multi_hot", "numeric")
 TASK_KINDS = ("binary", "regression")
@@ -102,8 +103,7 @@ class TaskSpec:
             raise ValueError(f"TaskSpec {self.name!r}: `weight` must be >= 0, got {self.weight}.")
         if self.label_mean is not None:
             mean = self.label_mean
-            is_real = isinstance(mean, (int, float, np.integer, np.floating)) and not isinstance(mean, bool)
-            if not (is_real and math.isfinite(mean)):
+            if not is_number(mean):
                 raise ValueError(f"TaskSpec {self.name!r}: `label_mean` must be None or a finite number, got {mean!r}.")
             # A positive rate of 0 or 1 has no finite log-odds, so it cannot be a binary output's prior.
             if self.kind == "binary" and not 0 < mean < 1:

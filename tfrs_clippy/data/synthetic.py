@@ -10,7 +10,8 @@ The hidden teacher:
   `zipf_exponent`: P(id = k) is proportional to k ** -s, so id 1 is the most popular. The 1,024 most popular ids
   are drawn exactly, the rest by rounding a continuous power law (`ids.ZipfSampler`): O(1) memory per example.
 - Each id has a teacher embedding, a row of a fixed random table of `TEACHER_BUCKETS` rows picked by a
-  multiplicative hash of the id (`ids.hash_bucket`): a 1e7-id vocabulary does not need a 1e7-row table, and head ids get distinct rows.
+  multiplicative hash of the id (`ids.hash_bucket`): a 1e7-id vocabulary does not need a 1e7-row table, and head
+  ids get distinct rows.
 - The numeric feature is standard normal. The teacher's hidden layer is relu of a fixed random projection of the
   concatenated teacher embeddings and numeric values, centred; each task reads it with its own linear head.
 - Distribution shift: each task head rotates in the plane of two fixed random directions, by `drift` radians per
