@@ -2,8 +2,7 @@
 
 Adagrad's first steps are its largest: while the accumulator holds little more than its initial value, g / sqrt(G)
 is close to sign(g) for every coordinate with a large gradient, so a badly initialized net can take a huge step at
-step 0 or 1. A warm-up ramps the
-learning rate over the first steps instead:
+step 0 or 1. A warm-up ramps the learning rate over the first steps instead:
 
     lr(step) = m * peak(step) * min(1, (step + 1) / warmup_steps)
 
