@@ -44,8 +44,8 @@ stress: install
 	for shock in new_ids scale_growth base_rate; do \
 	  $(STRESS_FULL) --seeds 5 --shock $$shock --no-control --lr-multipliers 0.5,1; done
 	$(STRESS_FULL) --stage rollback --seeds 5 --lr-multipliers 0.5,1,2
-	$(STRESS_FULL) --stage ablation --seeds 3 --lr-multipliers 0.5 --no-control
-	$(STRESS_FULL) --stage sharpness --seeds 2 --methods naive,clippy --lr-multipliers 0.25,1
+	$(STRESS_FULL) --stage ablation --seeds 5 --lr-multipliers 0.5 --no-control
+	$(STRESS_FULL) --stage sharpness --seeds 5 --methods naive,clippy --lr-multipliers 0.25,1
 
 # The paper's optimizer comparison on MovieLens-100K (results/ and PNG plots): the second, smaller result.
 reproduce: install
