@@ -92,3 +92,20 @@ def scaled_adagrad_numpy(weights, grads, learning_rate, sigma_fn, initial_accumu
         r = g / np.sqrt(accumulator + epsilon)
         w = w - learning_rate * sigma_fn(g, w, r) * r
     return w
+
+
+def scaled_adam_numpy(weights, grads, learning_rate, sigma_fn, beta_1=0.9, beta_2=0.999, epsilon=1e-7):
+    """Keras's Adam with w -= lr * sigma * d, d = m_hat / (sqrt(v_hat) + eps / sqrt(1 - b2^t)); final weights.
+
+    `sigma_fn(g, w, d)` as for `scaled_adagrad_numpy`: the rules see Adam's direction d in place of Adagrad's r.
+    """
+    w = np.array(weights, np.float64)
+    m, v = np.zeros_like(w), np.zeros_like(w)
+    for t, g in enumerate(grads, start=1):
+        g = np.asarray(g, np.float64)
+        m = beta_1 * m + (1 - beta_1) * g
+        v = beta_2 * v + (1 - beta_2) * g**2
+        m_hat, v_hat = m / (1 - beta_1**t), v / (1 - beta_2**t)
+        d = m_hat / (np.sqrt(v_hat) + epsilon / np.sqrt(1 - beta_2**t))
+        w = w - learning_rate * sigma_fn(g, w, d) * d
+    return w

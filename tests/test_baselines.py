@@ -13,14 +13,19 @@ from tfrs_clippy import keras
 from tfrs_clippy.optimizers import (
     METHODS,
     PAPER_GRIDS,
+    Adagrad,
+    Adam,
     AdaptiveGradientClippingAdagrad,
+    AdaptiveGradientClippingAdam,
     ClippyAdagrad,
+    ClippyAdam,
     GradientClippingAdagrad,
+    GradientClippingAdam,
     LambAdagrad,
-    ScaledAdagrad,
+    LambAdam,
     build_optimizer,
-    core,
 )
+from tfrs_clippy.optimizers import rules
 
 import numpy_oracle
 from test_clippy_adagrad import densify, random_problem, run_optimizer
@@ -29,19 +34,19 @@ from test_clippy_adagrad import densify, random_problem, run_optimizer
 def step_inputs(grad, variable, precondition=None):
     grad = tf.constant(grad, tf.float32)
     precondition = tf.ones_like(grad) if precondition is None else tf.constant(precondition, tf.float32)
-    return core.StepInputs(grad=grad, variable=tf.constant(variable, tf.float32), precondition=precondition,
-                           update=grad * precondition)
+    return rules.StepInputs(grad=grad, variable=tf.constant(variable, tf.float32), precondition=precondition,
+                            direction=grad * precondition, update=grad * precondition)
 
 
 def test_gc_rule_on_hand_numbers():
-    rule = core.GradientClippingRule(threshold=1.0)
+    rule = rules.GradientClippingRule(threshold=1.0)
     assert float(rule(step_inputs([3.0, 4.0], [1.0, 1.0]), [0])[0]) == pytest.approx(0.2)  # ||g|| = 5
     assert float(rule(step_inputs([0.3, 0.4], [1.0, 1.0]), [0])[0]) == 1.0
     assert float(rule(step_inputs([0.0, 0.0], [1.0, 1.0]), [0])[0]) == 1.0  # zero gradient
 
 
 def test_agc_rule_is_unit_wise_with_a_weight_floor():
-    rule = core.AdaptiveGradientClippingRule(threshold=0.1, weight_floor=1e-3)
+    rule = rules.AdaptiveGradientClippingRule(threshold=0.1, weight_floor=1e-3)
     # Columns are units: ||w_0|| = 5, ||g_0|| = 10 -> 0.1*5/10 = 0.05; unit 1 has zero weights -> floor 1e-3.
     step = step_inputs([[6.0, 1.0], [8.0, 0.0]], [[3.0, 0.0], [4.0, 0.0]])
     sigma = rule(step, reduce_axes=[0]).numpy()
@@ -51,15 +56,27 @@ def test_agc_rule_is_unit_wise_with_a_weight_floor():
 
 
 def test_lamb_rule_with_its_zero_norm_guards():
-    rule = core.LambRule(trust_scale=0.01)
+    rule = rules.LambRule(trust_scale=0.01)
     # r = g * p = [0.6, 0.8] (||r|| = 1), ||w|| = 5 -> sigma = 0.01 * 5 / 1.
     assert float(rule(step_inputs([1.2, 1.6], [3.0, 4.0], precondition=[0.5, 0.5]), [0])[0]) == pytest.approx(0.05)
     assert float(rule(step_inputs([1.0, 1.0], [0.0, 0.0]), [0])[0]) == 1.0  # ||w|| = 0
     assert float(rule(step_inputs([0.0, 0.0], [3.0, 4.0]), [0])[0]) == 1.0  # ||r|| = 0
 
 
+def test_update_rms_rule_and_the_minimum_of_rules_on_hand_numbers():
+    rule = rules.UpdateRmsRule(threshold=1.0)
+    # g * p = [3, 4, 0, 0]: RMS = sqrt(25 / 4) = 2.5 -> sigma = 1 / 2.5; an RMS below the threshold leaves 1.
+    assert float(rule(step_inputs([6.0, 8.0, 0.0, 0.0], [1.0] * 4, precondition=[0.5] * 4), [0])[0]) == pytest.approx(0.4)
+    assert float(rule(step_inputs([0.6, 0.8, 0.0, 0.0], [1.0] * 4), [0])[0]) == 1.0
+    per_row = rule(step_inputs([[3.0, 4.0], [0.3, 0.4]], [[1.0, 1.0]] * 2), [1]).numpy()
+    np.testing.assert_allclose(per_row, [[1.0 / math.sqrt(12.5)], [1.0]], rtol=1e-6)
+    both = rules.MinimumRule((rule, rules.GradientClippingRule(threshold=1.0)))
+    step = step_inputs([6.0, 8.0, 0.0, 0.0], [1.0] * 4, precondition=[0.5] * 4)  # GC: 1 / ||g|| = 0.1
+    assert float(both(step, [0])[0]) == pytest.approx(0.1)
+
+
 CASES = {
-    "naive": (ScaledAdagrad, {}, lambda g, w, r: 1.0),
+    "naive": (Adagrad, {}, lambda g, w, r: 1.0),
     "gc": (GradientClippingAdagrad, {"threshold": 0.5}, lambda g, w, r: numpy_oracle.gc_sigma(g, w, r, 0.5)),
     "agc": (AdaptiveGradientClippingAdagrad, {"threshold": 0.05},
             lambda g, w, r: numpy_oracle.agc_sigma(g, w, r, 0.05, axis=-1)),
@@ -77,6 +94,57 @@ def test_each_baseline_matches_numpy_adagrad_with_its_rule(method):
     if method != "naive":  # the rule must have acted, or the comparison proves nothing
         plain = numpy_oracle.scaled_adagrad_numpy(weights, grads, 0.3, lambda g, w, r: 1.0)
         assert np.max(np.abs(expected - plain)) > 1e-3
+
+
+ADAM_CASES = {
+    "adam": (Adam, {}, lambda g, w, d: 1.0),
+    "gc_adam": (GradientClippingAdam, {"threshold": 1.0}, lambda g, w, d: numpy_oracle.gc_sigma(g, w, d, 1.0)),
+    "agc_adam": (AdaptiveGradientClippingAdam, {"threshold": 0.1},
+                 lambda g, w, d: numpy_oracle.agc_sigma(g, w, d, 0.1, axis=-1)),
+    "lamb_adam": (LambAdam, {"trust_scale": 0.05}, lambda g, w, d: numpy_oracle.lamb_sigma(g, w, d, 0.05)),
+}
+
+
+@pytest.mark.parametrize("method", sorted(ADAM_CASES))
+def test_each_adam_baseline_matches_numpy_adam_with_its_rule(method):
+    """The same rules on Adam's direction d = m_hat / (sqrt(v_hat) + eps_hat); the moments see the raw gradient."""
+    cls, arguments, sigma_fn = ADAM_CASES[method]
+    weights, grads = random_problem(seed=11)
+    variable, _ = run_optimizer(cls(learning_rate=0.05, **arguments), weights, grads)
+    expected = numpy_oracle.scaled_adam_numpy(weights, grads, 0.05, sigma_fn)
+    # float32 against float64 over 20 steps: Adam's early steps divide by a small sqrt(v), which amplifies the
+    # float32 rounding of m and v to ~1.5e-6 on some coordinates; a rule's error is ~lr = 5e-2.
+    np.testing.assert_allclose(variable.numpy(), expected, rtol=1e-5, atol=5e-6)
+    plain = numpy_oracle.scaled_adam_numpy(weights, grads, 0.05, lambda g, w, d: 1.0)
+    if method == "adam":
+        theirs, _ = run_optimizer(keras.optimizers.Adam(learning_rate=0.05), weights, grads)
+        np.testing.assert_allclose(variable.numpy(), theirs.numpy(), rtol=1e-6, atol=1e-6)
+    else:  # the rule must have acted, or the comparison proves nothing
+        assert np.max(np.abs(expected - plain)) > 1e-3
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("path", ["sparse", "dense"])
+def test_lamb_exports_the_same_factor_on_every_path(path, jit_compile):
+    """A step with repeated ids: the factor is the smallest trust ratio of the rows that move, whatever the path.
+
+    The dense path sees every row, the sparse one only the touched rows and, under XLA, `deduplicate`'s padding rows
+    (zero updates). Rows that do not move used to count with sigma = 1, hiding the trust ratios (> 1 here).
+    """
+    weights = np.arange(1.0, 13.0, dtype=np.float32).reshape(4, 3)
+    values, indices = np.ones((3, 3), np.float32), np.array([2, 0, 2])
+    grad = tf.IndexedSlices(tf.constant(values), tf.constant(indices), tf.constant([4, 3], tf.int64))
+    if path == "dense":
+        grad = tf.convert_to_tensor(grad)
+    optimizer = LambAdagrad(learning_rate=0.1, trust_scale=5.0, export_clipping_factors=True)
+    variable = tf.Variable(weights, name="item_embedding")
+    tf.function(optimizer.apply_gradients, jit_compile=jit_compile)([(grad, variable)])
+    dense = densify((values, indices), weights.shape)
+    r = dense / np.sqrt(0.1 + dense**2 + 1e-7)  # the accumulator starts at 0.1; G += g^2 first
+    ratios = 5.0 * numpy_oracle.norms(weights, 0) / np.where(numpy_oracle.norms(r, 0) > 0, numpy_oracle.norms(r, 0), 1)
+    expected = ratios[[0, 2]].min()  # rows 0 and 2 move
+    assert expected > 1.0
+    assert float(optimizer.clipping_factors[0]) == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.parametrize("method", ["agc", "lamb"])
@@ -167,11 +235,12 @@ def test_every_method_and_grid_point_round_trips(method):
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda: build_optimizer("sgd", 0.1), "`method` must be one of ['agc', 'clippy', 'gc', 'lamb', 'naive'], got 'sgd'"),
+        (lambda: build_optimizer("sgd", 0.1), "`method` must be one of ['adam', 'agc', 'agc_adam', 'clippy', 'clippy_adam', 'gc', 'gc_adam', 'lamb', "
+                                                  "'lamb_adam', 'naive'], got 'sgd'"),
         (lambda: GradientClippingAdagrad(threshold=-1.0), "`threshold` must be a non-negative number, got -1.0"),
         (lambda: AdaptiveGradientClippingAdagrad(weight_floor=-1.0), "`weight_floor` must be a non-negative number"),
         (lambda: LambAdagrad(trust_scale=float("nan")), "`trust_scale` must be a non-negative number, got nan"),
-        (lambda: LambAdagrad(embedding_pattern="["), "`embedding_pattern` is not a valid pattern '['"),
+        (lambda: LambAdagrad(embedding_pattern="["), "`embedding_pattern` has an invalid pattern '['"),
     ],
 )
 def test_bad_arguments_name_the_argument(call, message):

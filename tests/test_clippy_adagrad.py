@@ -11,7 +11,7 @@ import tensorflow as tf
 
 import tfrs_clippy
 from tfrs_clippy import ClippyAdagrad, keras
-from tfrs_clippy.optimizers import core
+from tfrs_clippy.optimizers import rules
 
 from numpy_oracle import ClippyOracle
 
@@ -411,12 +411,13 @@ def test_equals_tfrs_clippy_adagrad(flags, sparse):
 
 def test_core_rule_is_a_pure_function():
     """The rule alone, on hand numbers: u = [0.4, -0.1, 0], bound = 0.01 + 0.1*|w| -> sigma = 0.02/0.4."""
-    rule = core.ClippyRule(variable_relative_threshold=0.1, accumulator_relative_threshold=0.0, absolute_threshold=0.01)
-    step = core.StepInputs(grad=tf.constant([4.0, -1.0, 0.0]), variable=tf.constant([0.1, 5.0, 0.0]),
-                           precondition=tf.ones(3), update=tf.constant([0.4, -0.1, 0.0]))
+    rule = rules.ClippyRule(variable_relative_threshold=0.1, accumulator_relative_threshold=0.0, absolute_threshold=0.01)
+    step = rules.StepInputs(grad=tf.constant([4.0, -1.0, 0.0]), variable=tf.constant([0.1, 5.0, 0.0]),
+                            precondition=tf.ones(3), direction=tf.constant([4.0, -1.0, 0.0]),
+                            update=tf.constant([0.4, -0.1, 0.0]))
     sigma = rule(step, reduce_axes=[0])
     assert float(sigma[0]) == pytest.approx((0.01 + 0.1 * 0.1) / 0.4)
-    zero_bound = core.ClippyRule(0.0, 0.0, 0.0)
+    zero_bound = rules.ClippyRule(0.0, 0.0, 0.0)
     assert float(zero_bound(step, reduce_axes=[0])[0]) == 0.0
 
 

@@ -41,8 +41,8 @@ def _delta_of_one_real_step(make_optimizer, grad: tf.Tensor) -> np.ndarray:
 
 OPTIMIZERS = {
     "adam": lambda: keras.optimizers.Adam(0.01),
-    "adagrad": lambda: tfrs_clippy.ScaledAdagrad(0.1),
-    "adagrad_delayed": lambda: tfrs_clippy.ScaledAdagrad(0.1, accumulator_update="delayed"),
+    "adagrad": lambda: tfrs_clippy.Adagrad(0.1),
+    "adagrad_delayed": lambda: tfrs_clippy.Adagrad(0.1, accumulator_update="delayed"),
     "clippy": lambda: tfrs_clippy.ClippyAdagrad.from_paper(0.5),
 }
 

@@ -48,7 +48,7 @@ def _numpy_adagrad(weights, grads, rates, initial_accumulator=0.1, epsilon=1e-7)
     "make_optimizer",
     [
         lambda schedule: tfrs_clippy.ClippyAdagrad.from_paper(schedule),
-        lambda schedule: tfrs_clippy.ScaledAdagrad(learning_rate=schedule),
+        lambda schedule: tfrs_clippy.Adagrad(learning_rate=schedule),
     ],
     ids=["clippy_from_paper", "scaled_adagrad"],
 )

@@ -47,7 +47,7 @@ def test_norms_match_a_numpy_replay_of_adagrad(schedule: bool):
     x, y = data()
     learning_rate = tfrs_clippy.LinearWarmup(RATE, 3) if schedule else RATE
     model = linear_model()
-    model.compile(optimizer=tfrs_clippy.ScaledAdagrad(learning_rate=learning_rate, fuse_dense_updates=False),
+    model.compile(optimizer=tfrs_clippy.Adagrad(learning_rate=learning_rate, fuse_dense_updates=False),
                   loss="mse")
     short_name = lambda variable: variable.name.split("/")[-1].split(":")[0]  # noqa: E731
     logger = AdagradStepLogger(exclude_pattern=None, name_of=short_name)
@@ -89,6 +89,6 @@ def test_needs_a_tfrs_clippy_optimizer_with_the_standard_accumulator_order():
 
 
 def test_learning_rate_at_reads_numbers_and_schedules():
-    assert learning_rate_at(tfrs_clippy.ScaledAdagrad(learning_rate=0.3), 7) == pytest.approx(0.3)
-    optimizer = tfrs_clippy.ScaledAdagrad(learning_rate=tfrs_clippy.LinearWarmup(0.4, 4))
+    assert learning_rate_at(tfrs_clippy.Adagrad(learning_rate=0.3), 7) == pytest.approx(0.3)
+    optimizer = tfrs_clippy.Adagrad(learning_rate=tfrs_clippy.LinearWarmup(0.4, 4))
     assert [learning_rate_at(optimizer, step) for step in (0, 1, 3, 9)] == pytest.approx([0.1, 0.2, 0.4, 0.4])

@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from tfrs_clippy import ClippyAdagrad, keras
 from tfrs_clippy.optimizers import core
+from tfrs_clippy.optimizers.variable_names import variable_name
 
 
 def _tfrs_test_file() -> pathlib.Path | None:
@@ -260,7 +261,7 @@ def test_clipping_factors_before_the_first_step():
     optimizer.build([variable])
     assert [float(f) for f in optimizer.clipping_factors] == [1.0]
     assert {k: float(v) for k, v in optimizer.clipping_factors_by_name().items()} == {
-        ClippyAdagrad._variable_name(variable): 1.0}
+        variable_name(variable): 1.0}
 
 
 @pytest.mark.keras2_only

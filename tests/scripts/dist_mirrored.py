@@ -3,7 +3,7 @@
 Run as a script in a fresh process (the logical CPUs must exist before TensorFlow runs an op), in the runtime of
 the inherited environment. Prints one JSON line:
 - per case of `dist_common.CASES`: the largest difference between the mirrored and the one-device weights,
-  accumulators (relative: they are sums of squares) and clipping factors after `STEPS` steps; the largest
+  optimizer slots (relative: accumulators are sums of squares) and clipping factors after `STEPS` steps; the largest
   difference between the two replicas; and the smallest clipping factor of the last step (below 1 when the
   scaling was exercised);
 - per case of `COUNTED_CASES`: the collective ops in the traced step's graph.
@@ -29,10 +29,10 @@ def compare(case: str, strategy: tf.distribute.Strategy) -> dict:
     mirrored = dist_common.train(case, strategy)
     single = dist_common.train(case)
     result = {"replicas": len(mirrored["weights"][0])}
-    for key in ("weights", "accumulators", "clipping_factors"):
+    for key in ("weights", "slots", "clipping_factors"):
         first_replica = [values[0] for values in mirrored[key]]
         result[f"{key}_vs_one_device"] = dist_common.max_difference(
-            first_replica, [v[0] for v in single[key]], relative=key == "accumulators"
+            first_replica, [v[0] for v in single[key]], relative=key == "slots"
         )
         result[f"{key}_across_replicas"] = max(
             dist_common.max_difference([values[0]], [other]) for values in mirrored[key] for other in values[1:]

@@ -1,7 +1,7 @@
 """One worker of a MultiWorkerMirroredStrategy cluster training ClippyAdagrad (the cluster comes from TF_CONFIG).
 
 Each worker trains every case of `CASES` in sync with the others and prints one JSON line with its final weights,
-accumulators and clipping factors; worker 0 also trains each case on one device, outside the strategy, at the
+optimizer slots and clipping factors; worker 0 also trains each case on one device, outside the strategy, at the
 same global batch. Runs in the runtime of the inherited environment.
 """
 

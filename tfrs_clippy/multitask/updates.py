@@ -7,7 +7,7 @@ optimizer and commits the balanced move:
 
 - `AdamRule`: Keras's Adam (either runtime), read from its own slots. For Adam sum_i d_i != step(sum_i g_i), so
   PUB with alpha = 1 is not Adam on the summed loss.
-- `AdagradRule`: any optimizer of `tfrs_clippy.optimizers` (Adagrad as `ScaledAdagrad`, `ClippyAdagrad`, the GC,
+- `AdagradRule`: any optimizer of `tfrs_clippy.optimizers` (`Adagrad`, `ClippyAdagrad`, the GC,
   AGC and LAMB baselines), through `core.scaled_adagrad_step`: for ClippyAdagrad each d_i is a Clippy-clipped
   Adagrad update. With the delayed accumulator and no scaling rule d is linear in g, and alpha = 1 is exactly
   Adagrad on the summed loss.
@@ -29,7 +29,7 @@ import tensorflow as tf
 
 from tfrs_clippy.keras_runtime import LEGACY_KERAS, keras
 from tfrs_clippy.optimizers import core
-from tfrs_clippy.optimizers.scaled_adagrad import ScaledAdagradMixin
+from tfrs_clippy.optimizers.scaled_adagrad import ScaledAdagrad
 
 Gradient = tf.Tensor | tf.IndexedSlices | None
 
@@ -210,7 +210,7 @@ class AdagradRule(UpdateRule):
 
     def _step(self, variable: Any, task_gradients: TaskGradients, grad: tf.Tensor) -> core.StepResult:
         optimizer = self.optimizer
-        name = optimizer._variable_name(variable)
+        rule, clipping_axis = optimizer.scaling_for(variable, task_gradients.sparse)
         return core.scaled_adagrad_step(
             grad,
             _read(variable, task_gradients),
@@ -218,8 +218,8 @@ class AdagradRule(UpdateRule):
             current_learning_rate(optimizer),
             epsilon=optimizer.epsilon,
             accumulator_update=optimizer.accumulator_update,
-            rule=optimizer.scaling_rule() if optimizer._is_clipped(name) else None,
-            clipping_axis=optimizer.clipping_axis_for(name, variable.shape.rank, task_gradients.sparse),
+            rule=rule,
+            clipping_axis=clipping_axis,
         )
 
     def candidates(self, variable: Any, task_gradients: TaskGradients) -> tf.Tensor:
@@ -241,11 +241,11 @@ def update_rule_for(optimizer: Any) -> UpdateRule:
     Raises:
         ValueError: the optimizer is of another class, or sets an option in `UNSUPPORTED_OPTIMIZER_OPTIONS`.
     """
-    if isinstance(optimizer, ScaledAdagradMixin):
+    if isinstance(optimizer, ScaledAdagrad):
         return AdagradRule(optimizer)
     if isinstance(optimizer, keras.optimizers.Adam):
         return AdamRule(optimizer)
     raise ValueError(
-        f"Parameter update balancing needs Adam or an optimizer of tfrs_clippy.optimizers (Adagrad as ScaledAdagrad, "
+        f"Parameter update balancing needs Adam or an optimizer of tfrs_clippy.optimizers (Adagrad, "
         f"ClippyAdagrad, ...), got {type(optimizer).__name__}."
     )

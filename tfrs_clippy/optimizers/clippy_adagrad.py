@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 from tfrs_clippy.keras_runtime import keras
-from tfrs_clippy.optimizers import core
-from tfrs_clippy.optimizers.adapter import KerasAdapter
-from tfrs_clippy.optimizers.scaled_adagrad import check_non_negative
+from tfrs_clippy.optimizers import rules
+from tfrs_clippy.optimizers.scaled_adagrad import ScaledAdagrad
+from tfrs_clippy.optimizers.scaled_optimizer import check_non_negative
 
 # The paper's setting (Section 5, Algorithm 1): accumulate first, lambda_rel = 0.5, lambda_abs = 1e-2. The one
 # definition of it: `ClippyAdagrad.from_paper` and `build_optimizer("clippy", ...)` both default to it.
@@ -20,7 +20,7 @@ PAPER_SETTING = dict(
 
 
 @keras.saving.register_keras_serializable(package="tfrs_clippy")
-class ClippyAdagrad(KerasAdapter):
+class ClippyAdagrad(ScaledAdagrad):
     r"""Adagrad with adaptive update clipping; a drop-in for `tfrs.experimental.optimizers.ClippyAdagrad`.
 
     Each step computes Adagrad's update u = lr * g / sqrt(G + epsilon) and moves the variable by sigma * u, with
@@ -90,7 +90,7 @@ class ClippyAdagrad(KerasAdapter):
                 "`clip_accumulator_update` and `use_standard_accumulator_update` cannot both be True: the standard "
                 "update accumulates g^2 before the step, when the clipping factor is not known yet."
             )
-        rule = core.ClippyRule(
+        rule = rules.ClippyRule(
             variable_relative_threshold=check_non_negative("variable_relative_threshold", variable_relative_threshold),
             accumulator_relative_threshold=check_non_negative(
                 "accumulator_relative_threshold", accumulator_relative_threshold
@@ -127,7 +127,7 @@ class ClippyAdagrad(KerasAdapter):
         """
         return cls(learning_rate=learning_rate, **{**PAPER_SETTING, **kwargs})
 
-    def scaling_rule(self) -> core.ClippyRule:
+    def scaling_rule(self) -> rules.ClippyRule:
         return self.rule
 
     @property

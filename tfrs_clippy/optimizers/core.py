@@ -4,19 +4,22 @@ Every method of the Clippy paper is Adagrad whose update is multiplied by a scal
 
     r = g / sqrt(G + epsilon) ;  w <- w - lr * sigma * r
 
-where the methods differ only in how sigma is computed (`ScalingRule`). This module holds that one Adagrad core
-(`scaled_adagrad_step`, on plain tensors) and the two ways to apply it to variables: dense (`apply_dense`) and
-sparse (`apply_sparse`, touched rows only). Both Keras adapters call these functions and nothing else.
+where the methods differ only in how sigma is computed (a `rules.ScalingRule`). This module holds that one Adagrad
+core (`scaled_adagrad_step`, on plain tensors), the two ways to apply it to variables: dense (`apply_dense`) and
+sparse (`apply_sparse`, touched rows only), and what `adam_core` shares with it (`deduplicate`, `record_step`,
+`call_compiled`). The Adagrad optimizers call these functions and nothing else.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import NamedTuple, Optional, Protocol, Sequence
+import functools
+from typing import Any, Callable, NamedTuple, Optional
 
 import tensorflow as tf
 from tensorflow.python.ops import control_flow_util  # pylint: disable=g-direct-tensorflow-import
+
+from tfrs_clippy.optimizers.rules import ScalingRule, StepInputs, reduce_axes_for
 
 ACCUMULATOR_UPDATES = ("delayed", "delayed_clipped", "standard")
 """When and with what the accumulator G is updated.
@@ -27,122 +30,38 @@ ACCUMULATOR_UPDATES = ("delayed", "delayed_clipped", "standard")
 """
 
 
-class StepInputs(NamedTuple):
-    """What a scaling rule may look at, all in the accumulator's dtype (float32, or float64) and of the variable's (or the touched rows') shape."""
-
-    grad: tf.Tensor
-    variable: tf.Tensor
-    precondition: tf.Tensor  # 1 / sqrt(G + epsilon)
-    update: tf.Tensor  # lr * grad * precondition: the unscaled Adagrad step
-
-
-class ScalingRule(Protocol):
-    """Maps a step to its scale sigma in [0, 1]: a scalar, or one value per slice when `reduce_axes` is narrower."""
-
-    def __call__(self, step: StepInputs, reduce_axes: Sequence[int]) -> tf.Tensor:
-        ...
-
-
-def _scaled_term(threshold: float, reference: tf.Tensor) -> tf.Tensor:
-    """threshold * reference, where an infinite threshold means "no limit" (inf) but still 0 for a 0 reference."""
-    if math.isinf(threshold):
-        return tf.where(reference > 0, tf.constant(math.inf, reference.dtype), tf.zeros_like(reference))
-    return threshold * reference
-
-
-@dataclasses.dataclass(frozen=True)
-class ClippyRule:
-    """Clippy's rule: the largest sigma <= 1 with sigma*|u_i| <= rel*|w_i| + acc_rel*p_i + abs for every i.
-
-    Attributes:
-        variable_relative_threshold: lambda_rel, the bound relative to |w_i|.
-        accumulator_relative_threshold: the bound relative to p_i = 1/sqrt(G_i + epsilon).
-        absolute_threshold: lambda_abs, the constant part of the bound.
-    """
-
-    variable_relative_threshold: float
-    accumulator_relative_threshold: float
-    absolute_threshold: float
-
-    def bound(self, step: StepInputs) -> tf.Tensor:
-        """The largest move each coordinate may make."""
-        return (
-            self.absolute_threshold
-            + _scaled_term(self.variable_relative_threshold, tf.abs(step.variable))
-            + _scaled_term(self.accumulator_relative_threshold, step.precondition)
-        )
-
-    def __call__(self, step: StepInputs, reduce_axes: Sequence[int]) -> tf.Tensor:
-        magnitude = tf.abs(step.update)
-        # A coordinate that does not move puts no limit on sigma; a zero bound on a moving one forces sigma = 0.
-        ratio = tf.where(magnitude == 0.0, tf.ones_like(magnitude), tf.math.divide_no_nan(self.bound(step), magnitude))
-        return tf.minimum(tf.reduce_min(ratio, axis=reduce_axes, keepdims=True), 1.0)
-
-
-def _norm(tensor: tf.Tensor, reduce_axes: Sequence[int]) -> tf.Tensor:
-    return tf.sqrt(tf.reduce_sum(tf.square(tensor), axis=reduce_axes, keepdims=True))
-
-
-@dataclasses.dataclass(frozen=True)
-class GradientClippingRule:
-    """Layer-wise gradient clipping (GC): sigma = min(1, threshold / ||g||); 1 for a zero gradient."""
-
-    threshold: float
-
-    def __call__(self, step: StepInputs, reduce_axes: Sequence[int]) -> tf.Tensor:
-        grad_norm = _norm(step.grad, reduce_axes)
-        clipped = tf.math.divide_no_nan(tf.cast(self.threshold, grad_norm.dtype), grad_norm)
-        return tf.where(grad_norm > self.threshold, clipped, tf.ones_like(grad_norm))
-
-
-@dataclasses.dataclass(frozen=True)
-class AdaptiveGradientClippingRule:
-    """Unit-wise adaptive gradient clipping (AGC, Brock et al. 2021):
-
-    sigma = min(1, threshold * max(||w||, weight_floor) / ||g||) per unit; 1 for a zero gradient. The floor keeps
-    zero-initialized units (biases) trainable, as in the authors' code.
-    """
-
-    threshold: float
-    weight_floor: float = 1e-3
-
-    def __call__(self, step: StepInputs, reduce_axes: Sequence[int]) -> tf.Tensor:
-        grad_norm = _norm(step.grad, reduce_axes)
-        limit = self.threshold * tf.maximum(_norm(step.variable, reduce_axes), self.weight_floor)
-        return tf.where(grad_norm > limit, tf.math.divide_no_nan(limit, grad_norm), tf.ones_like(grad_norm))
-
-
-@dataclasses.dataclass(frozen=True)
-class LambRule:
-    """LAMB's trust ratio on Adagrad's direction r = g / sqrt(G): sigma = trust_scale * ||w|| / ||r||.
-
-    phi(x) = x. LAMB's guard: sigma = 1 when ||w|| or ||r|| is zero. Unlike the clipping rules sigma may exceed 1.
-    """
-
-    trust_scale: float
-
-    def __call__(self, step: StepInputs, reduce_axes: Sequence[int]) -> tf.Tensor:
-        weight_norm = _norm(step.variable, reduce_axes)
-        direction_norm = _norm(step.grad * step.precondition, reduce_axes)
-        ratio = self.trust_scale * tf.math.divide_no_nan(weight_norm, direction_norm)
-        return tf.where((weight_norm > 0.0) & (direction_norm > 0.0), ratio, tf.ones_like(ratio))
-
-
 class StepResult(NamedTuple):
     """One step's outcome, before it is written to any variable."""
 
     delta: tf.Tensor  # in the accumulator's dtype, to subtract from the variable
     accumulator_increment: tf.Tensor  # to add to the accumulator
     scale: tf.Tensor  # sigma, broadcastable to the variable (keepdims)
+    smallest_scale: tf.Tensor  # scalar: the smallest sigma of the slices that move (1 if none does)
     all_finite: tf.Tensor  # bool scalar: the gradient had no NaN or Inf
 
 
-def reduce_axes_for(rank: int, clipping_axis: Optional[int]) -> list[int]:
-    """Axes over which one scale is shared: all of them (per tensor), or all but `clipping_axis` (per slice)."""
-    if clipping_axis is None or rank == 0:
-        return list(range(rank))
-    axis = clipping_axis % rank
-    return [a for a in range(rank) if a != axis]
+def apply_rule(rule: Optional[ScalingRule], step: StepInputs, clipping_axis: Optional[int]) -> tf.Tensor:
+    """sigma of `step` under `rule` (keepdims, one per tensor or slice); ones for no rule (the plain optimizer)."""
+    rank = step.update.shape.rank
+    if rule is None:
+        return tf.ones([1] * rank, step.update.dtype)
+    return rule(step, reduce_axes_for(rank, clipping_axis))
+
+
+def smallest_moving_scale(rule: Optional[ScalingRule], scale: tf.Tensor, step: StepInputs,
+                          clipping_axis: Optional[int]) -> tf.Tensor:
+    """The smallest sigma over the slices that move (1 if none moves): the step's exported clipping factor.
+
+    A slice whose update is 0 moves by 0 whatever its sigma, so its sigma says nothing about the step. Counting it
+    would make the factor depend on how many untouched rows a path sees: the dense step sees every row, a sparse
+    step only the touched ones, and under XLA also `deduplicate`'s padding rows.
+    """
+    if rule is None:
+        return tf.ones([], scale.dtype)  # and no pass over the update
+    reduce_axes = reduce_axes_for(step.update.shape.rank, clipping_axis)
+    moves = tf.reduce_any(step.update != 0.0, axis=reduce_axes, keepdims=True)
+    moving_scales = tf.where(moves, scale, tf.constant(float("inf"), scale.dtype))
+    return tf.where(tf.reduce_any(moves), tf.reduce_min(moving_scales), tf.ones([], scale.dtype))
 
 
 def scaled_adagrad_step(
@@ -179,17 +98,16 @@ def scaled_adagrad_step(
     denominator_accumulator = accumulator + squared_grad if accumulator_update == "standard" else accumulator
     precondition = tf.math.rsqrt(denominator_accumulator + epsilon)
     update = learning_rate * grad * precondition
-    if rule is None:
-        scale = tf.ones([1] * grad.shape.rank, compute_dtype)
-    else:
-        step = StepInputs(grad=grad, variable=variable, precondition=precondition, update=update)
-        scale = rule(step, reduce_axes_for(grad.shape.rank, clipping_axis))
+    step = StepInputs(grad=grad, variable=variable, precondition=precondition, direction=grad * precondition,
+                      update=update)
+    scale = apply_rule(rule, step, clipping_axis)
     if accumulator_update == "delayed_clipped":
         accumulator_increment = tf.square(grad * scale)
     else:
         accumulator_increment = squared_grad
     all_finite = tf.reduce_all(tf.math.is_finite(grad))
-    return StepResult(update * scale, accumulator_increment, scale, all_finite)
+    return StepResult(update * scale, accumulator_increment, scale, smallest_moving_scale(rule, scale, step, clipping_axis),
+                      all_finite)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,11 +124,15 @@ class Slots:
     nonfinite_steps: tf.Variable  # int64 scalar: steps skipped for a non-finite gradient
 
 
-def _record(slots: Slots, result: StepResult) -> list:
-    """Counts a skipped step, and exports the step's smallest scale (0 for a skipped step)."""
+def record_step(slots: Any, result: Any) -> list:
+    """Counts a skipped step, and exports the step's smallest scale (0 for a skipped step).
+
+    `slots` is any optimizer state with `clipping_factor` (or None) and `nonfinite_steps` (`Slots`,
+    `adam_core.AdamSlots`); `result` any step result with `smallest_scale` and `all_finite`.
+    """
     updates = [slots.nonfinite_steps.assign_add(tf.cast(tf.logical_not(result.all_finite), tf.int64))]
     if slots.clipping_factor is not None:
-        smallest_scale = tf.cast(tf.reduce_min(result.scale), slots.clipping_factor.dtype)
+        smallest_scale = tf.cast(result.smallest_scale, slots.clipping_factor.dtype)
         updates.append(slots.clipping_factor.assign(tf.where(result.all_finite, smallest_scale, 0.0)))
     return updates
 
@@ -239,19 +161,18 @@ def next_dense_values(
 _fused_next_dense_values = tf.function(next_dense_values, jit_compile=True)
 
 
-def _fused_dense_step(grad, variable, accumulator, learning_rate, **options):
-    """`_fused_next_dense_values`, without TensorFlow's retracing warning in eager use.
+def call_compiled(compiled: Callable, *tensors: tf.Tensor, **options) -> Any:
+    """Calls the XLA-compiled `tf.function` `compiled`, without TensorFlow's retracing warning in eager use.
 
-    The step is traced once per variable shape, so an eager `apply_gradients` on a model with five differently
+    A dense step is traced once per variable shape, so an eager `apply_gradients` on a model with five differently
     shaped variables makes TensorFlow warn "5 out of the last 5 calls ... triggered tf.function retracing" on the
     first step, though every later step reuses the traces. That counter sees only eager calls of the
     `tf.function`; a concrete function looked up from its own cache traces exactly as often and is not counted.
     Inside a `tf.function` (graph building) the call is left as it was, so the compiled graph is unchanged.
     """
     if not tf.executing_eagerly():
-        return _fused_next_dense_values(grad, variable, accumulator, learning_rate, **options)
-    concrete = _fused_next_dense_values.get_concrete_function(grad, variable, accumulator, learning_rate, **options)
-    return concrete(grad, variable, accumulator, learning_rate)
+        return compiled(*tensors, **options)
+    return compiled.get_concrete_function(*tensors, **options)(*tensors)
 
 
 def apply_dense(
@@ -276,18 +197,16 @@ def apply_dense(
         epsilon, accumulator_update, rule, clipping_axis: As in `scaled_adagrad_step`.
         fused: Compute the step with XLA (two passes over memory) instead of one TensorFlow kernel per operation.
     """
-    step_fn = _fused_dense_step if fused else next_dense_values
+    tensors = [grad, *(tf.convert_to_tensor(t) for t in (variable, slots.accumulator, learning_rate))]
+    step_fn = functools.partial(call_compiled, _fused_next_dense_values) if fused else next_dense_values
     new_variable, new_accumulator, result = step_fn(
-        grad,
-        tf.convert_to_tensor(variable),
-        tf.convert_to_tensor(slots.accumulator),
-        tf.convert_to_tensor(learning_rate),
+        *tensors,
         epsilon=epsilon,
         accumulator_update=accumulator_update,
         rule=rule,
         clipping_axis=clipping_axis,
     )
-    return tf.group([variable.assign(new_variable), slots.accumulator.assign(new_accumulator), *_record(slots, result)])
+    return tf.group([variable.assign(new_variable), slots.accumulator.assign(new_accumulator), *record_step(slots, result)])
 
 
 def _in_xla_context() -> bool:
@@ -356,5 +275,5 @@ def apply_sparse(
         variable.scatter_sub(
             tf.IndexedSlices(tf.cast(tf.where(keep, result.delta, tf.zeros_like(result.delta)), variable.dtype), unique.indices)
         ),
-        *_record(slots, result),
+        *record_step(slots, result),
     ])

@@ -1,4 +1,4 @@
-"""The scaled Adagrad optimizer on Keras 2 (`tf_keras.optimizers.Optimizer`, TFRS's runtime)."""
+"""The runtime base of every `tfrs_clippy` optimizer on Keras 2 (`tf_keras.optimizers.Optimizer`, TFRS's runtime)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from typing import Any
 import tensorflow as tf
 import tf_keras
 
-from tfrs_clippy.optimizers.scaled_adagrad import ScaledAdagradMixin
 
 
-class KerasAdapter(ScaledAdagradMixin, tf_keras.optimizers.Optimizer):
-    """Owns slots, learning rate and config on Keras 2; `ScaledAdagradMixin` and `core` do the rest."""
+class RuntimeOptimizer(tf_keras.optimizers.Optimizer):
+    """Creates slots and owns the learning rate and config on Keras 2; `ScaledOptimizer` and its families do the
+    rest, through `_build_slots` (called with every variable seen for the first time) and `_run_step`."""
 
     def _init_keras_base(self, learning_rate: Any, name: str, kwargs: dict) -> None:
         # The Keras 2 base defaults weight_decay to 0, not None, and then decays every variable, whole embedding
@@ -32,16 +32,23 @@ class KerasAdapter(ScaledAdagradMixin, tf_keras.optimizers.Optimizer):
             self._slot_positions[self._var_key(variable)] = len(self._slot_positions)
         self._build_slots(new_variables)
 
-    def _create_accumulator(self, variable, dtype: tf.DType):
-        initial_value = tf.fill(variable.shape, tf.constant(self.initial_accumulator_value, dtype))
+    def _build_slots(self, var_list) -> None:
+        raise NotImplementedError
+
+    def _run_step(self, gradient, variable, learning_rate) -> tf.Operation:
+        raise NotImplementedError
+
+    def _create_tensor_slot(self, variable, name: str, dtype: tf.DType, value: float):
+        """A slot of `variable`'s shape filled with `value`, checkpointed in creation order (as Keras's own)."""
+        initial_value = tf.fill(variable.shape, tf.constant(value, dtype))
         if getattr(variable, "true_dtype", variable.dtype) == dtype:
             # The base's own path: it also groups the slots of a sharded table into one checkpointed table.
-            return self.add_variable_from_reference(variable, "accumulator", initial_value=initial_value)
-        # float16/bfloat16 variables keep a float32 accumulator, which the base cannot make.
+            return self.add_variable_from_reference(variable, name, initial_value=initial_value)
+        # float16/bfloat16 variables keep float32 slots, which the base cannot make.
         with tf.distribute.get_strategy().extended.colocate_vars_with(variable):
-            accumulator = tf.Variable(initial_value, name=f"accumulator/{variable._shared_name}", trainable=False)
-        self._variables.append(accumulator)
-        return accumulator
+            slot = tf.Variable(initial_value, name=f"{name}/{variable._shared_name}", trainable=False)
+        self._variables.append(slot)
+        return slot
 
     def _create_scalar_slot(self, variable, name: str, dtype: tf.DType, value: float):
         with tf.distribute.get_strategy().extended.colocate_vars_with(variable):
@@ -93,7 +100,7 @@ class KerasAdapter(ScaledAdagradMixin, tf_keras.optimizers.Optimizer):
             return table_factor.assign(smallest, read_value=False)
 
     def _deduplicate_sparse_grad(self, grads):
-        # `core.apply_sparse` sums repeated ids itself, with static shapes. The base's `tf.unique` gives a dynamic
+        # `core.deduplicate` sums repeated ids, with static shapes. The base's `tf.unique` gives a dynamic
         # shape that XLA (jit_compile=True) miscompiles here: the accumulator's scatter was silently dropped.
         return grads
 
@@ -101,7 +108,7 @@ class KerasAdapter(ScaledAdagradMixin, tf_keras.optimizers.Optimizer):
         return self._slot_positions[self._var_key(variable)]
 
     def update_step(self, gradient, variable) -> tf.Operation:
-        step = self._apply_scaled_adagrad(gradient, variable, self.learning_rate)
+        step = self._run_step(gradient, variable, self.learning_rate)
         if self.export_clipping_factors:
             step = self._update_table_factor(variable, step)
         return step

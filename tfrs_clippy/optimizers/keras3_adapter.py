@@ -1,4 +1,4 @@
-"""The scaled Adagrad optimizer on Keras 3 (`keras.optimizers.Optimizer`, TensorFlow backend)."""
+"""The runtime base of every `tfrs_clippy` optimizer on Keras 3 (`keras.optimizers.Optimizer`, TensorFlow backend)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from tfrs_clippy.optimizers.scaled_adagrad import ScaledAdagradMixin
+from tfrs_clippy.optimizers.variable_names import variable_name
+
 
 
 def _filled(value: float):
@@ -15,11 +16,18 @@ def _filled(value: float):
     return lambda shape, dtype=None: tf.fill(shape, tf.constant(value, dtype))
 
 
-class KerasAdapter(ScaledAdagradMixin, keras.optimizers.Optimizer):
-    """Owns slots, learning rate and config on Keras 3; `ScaledAdagradMixin` and `core` do the rest."""
+class RuntimeOptimizer(keras.optimizers.Optimizer):
+    """Creates slots and owns the learning rate and config on Keras 3; `ScaledOptimizer` and its families do the
+    rest, through `_build_slots` (called once with every variable) and `_run_step`."""
 
     def _init_keras_base(self, learning_rate: Any, name: str, kwargs: dict) -> None:
         keras.optimizers.Optimizer.__init__(self, learning_rate=learning_rate, name=name, **kwargs)
+
+    def _build_slots(self, var_list) -> None:
+        raise NotImplementedError
+
+    def _run_step(self, gradient, variable, learning_rate) -> tf.Operation:
+        raise NotImplementedError
 
     def build(self, var_list) -> None:
         if self.built:
@@ -30,14 +38,14 @@ class KerasAdapter(ScaledAdagradMixin, keras.optimizers.Optimizer):
     def _add_colocated(self, variable, name: str, shape, dtype: tf.DType, initializer) -> tf.Variable:
         """Adds an optimizer variable beside `variable` and returns its TensorFlow variable (which `core` writes)."""
         reference = variable.value if isinstance(variable, keras.Variable) else variable
-        prefix = self._variable_name(variable).replace("/", "_").replace(":", "_")
+        prefix = variable_name(variable).replace("/", "_").replace(":", "_")
         with self._distribution_strategy.extended.colocate_vars_with(reference):
             slot = self.add_variable(shape=shape, initializer=initializer, dtype=dtype, name=f"{prefix}_{name}")
         return slot.value
 
-    def _create_accumulator(self, variable, dtype: tf.DType):
-        return self._add_colocated(variable, "accumulator", variable.shape, dtype,
-                                   _filled(self.initial_accumulator_value))
+    def _create_tensor_slot(self, variable, name: str, dtype: tf.DType, value: float):
+        """A slot of `variable`'s shape filled with `value`."""
+        return self._add_colocated(variable, name, variable.shape, dtype, _filled(value))
 
     def _create_scalar_slot(self, variable, name: str, dtype: tf.DType, value: float):
         return self._add_colocated(variable, name, (), dtype, _filled(value))
@@ -46,4 +54,4 @@ class KerasAdapter(ScaledAdagradMixin, keras.optimizers.Optimizer):
         return self._get_variable_index(variable)
 
     def update_step(self, gradient, variable, learning_rate) -> tf.Operation:
-        return self._apply_scaled_adagrad(gradient, variable, learning_rate)
+        return self._run_step(gradient, variable, learning_rate)

@@ -1,0 +1,164 @@
+"""Scaling rules: what every method of the Clippy paper is, given a step of an adaptive optimizer.
+
+A base optimizer (Adagrad in `core`, Adam in `adam_core`) computes an unscaled step u = lr * d, where d is its
+direction (Adagrad: g / sqrt(G + epsilon); Adam: m_hat / (sqrt(v_hat) + epsilon)), and moves the weights by
+sigma * u. A rule maps the step to sigma, one value per tensor or per slice. Rules are pure functions of a
+`StepInputs`: they can be tested alone, and the same rule serves every base optimizer.
+
+>>> rule = ClippyRule(variable_relative_threshold=0.1, accumulator_relative_threshold=0.0, absolute_threshold=0.01)
+>>> step = StepInputs(grad=tf.constant([4.0, -1.0]), variable=tf.constant([0.1, 5.0]), precondition=tf.ones(2),
+...                   direction=tf.constant([4.0, -1.0]), update=tf.constant([0.4, -0.1]))
+>>> float(rule(step, reduce_axes=[0])[0])  # (0.01 + 0.1 * 0.1) / 0.4
+0.05
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple, Optional, Protocol, Sequence
+
+import tensorflow as tf
+
+
+class StepInputs(NamedTuple):
+    """What a scaling rule may look at, all in the optimizer state's dtype (float32, or float64) and of the
+    variable's (or the touched rows') shape."""
+
+    grad: tf.Tensor
+    variable: tf.Tensor
+    precondition: tf.Tensor  # the per-coordinate preconditioner: Adagrad 1 / sqrt(G + eps), Adam 1 / (sqrt(v_hat) + eps)
+    direction: tf.Tensor  # the unscaled step per unit learning rate
+    update: tf.Tensor  # lr * direction: the unscaled step
+
+
+class ScalingRule(Protocol):
+    """Maps a step to its scale sigma: a scalar, or one value per slice when `reduce_axes` is narrower."""
+
+    def __call__(self, step: StepInputs, reduce_axes: Sequence[int]) -> tf.Tensor:
+        ...
+
+
+def reduce_axes_for(rank: int, clipping_axis: Optional[int]) -> list[int]:
+    """Axes over which one scale is shared: all of them (per tensor), or all but `clipping_axis` (per slice)."""
+    if clipping_axis is None or rank == 0:
+        return list(range(rank))
+    axis = clipping_axis % rank
+    return [a for a in range(rank) if a != axis]
+
+
+def _scaled_term(threshold: float, reference: tf.Tensor) -> tf.Tensor:
+    """threshold * reference, where an infinite threshold means "no limit" (inf) but still 0 for a 0 reference."""
+    if math.isinf(threshold):
+        return tf.where(reference > 0, tf.constant(math.inf, reference.dtype), tf.zeros_like(reference))
+    return threshold * reference
+
+
+def _norm(tensor: tf.Tensor, reduce_axes: Sequence[int]) -> tf.Tensor:
+    return tf.sqrt(tf.reduce_sum(tf.square(tensor), axis=reduce_axes, keepdims=True))
+
+
+@dataclasses.dataclass(frozen=True)
+class ClippyRule:
+    """Clippy's rule: the largest sigma <= 1 with sigma*|u_i| <= rel*|w_i| + acc_rel*p_i + abs for every i.
+
+    Attributes:
+        variable_relative_threshold: lambda_rel, the bound relative to |w_i|.
+        accumulator_relative_threshold: the bound relative to the preconditioner p_i (Adagrad: 1/sqrt(G_i + eps)).
+        absolute_threshold: lambda_abs, the constant part of the bound.
+    """
+
+    variable_relative_threshold: float
+    accumulator_relative_threshold: float
+    absolute_threshold: float
+
+    def bound(self, step: StepInputs) -> tf.Tensor:
+        """The largest move each coordinate may make."""
+        return (
+            self.absolute_threshold
+            + _scaled_term(self.variable_relative_threshold, tf.abs(step.variable))
+            + _scaled_term(self.accumulator_relative_threshold, step.precondition)
+        )
+
+    def __call__(self, step: StepInputs, reduce_axes: Sequence[int]) -> tf.Tensor:
+        magnitude = tf.abs(step.update)
+        # A coordinate that does not move puts no limit on sigma; a zero bound on a moving one forces sigma = 0.
+        ratio = tf.where(magnitude == 0.0, tf.ones_like(magnitude), tf.math.divide_no_nan(self.bound(step), magnitude))
+        return tf.minimum(tf.reduce_min(ratio, axis=reduce_axes, keepdims=True), 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class GradientClippingRule:
+    """Layer-wise gradient clipping (GC): sigma = min(1, threshold / ||g||); 1 for a zero gradient."""
+
+    threshold: float
+
+    def __call__(self, step: StepInputs, reduce_axes: Sequence[int]) -> tf.Tensor:
+        grad_norm = _norm(step.grad, reduce_axes)
+        clipped = tf.math.divide_no_nan(tf.cast(self.threshold, grad_norm.dtype), grad_norm)
+        return tf.where(grad_norm > self.threshold, clipped, tf.ones_like(grad_norm))
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptiveGradientClippingRule:
+    """Unit-wise adaptive gradient clipping (AGC, Brock et al. 2021):
+
+    sigma = min(1, threshold * max(||w||, weight_floor) / ||g||) per unit; 1 for a zero gradient. The floor keeps
+    zero-initialized units (biases) trainable, as in the authors' code.
+    """
+
+    threshold: float
+    weight_floor: float = 1e-3
+
+    def __call__(self, step: StepInputs, reduce_axes: Sequence[int]) -> tf.Tensor:
+        grad_norm = _norm(step.grad, reduce_axes)
+        limit = self.threshold * tf.maximum(_norm(step.variable, reduce_axes), self.weight_floor)
+        return tf.where(grad_norm > limit, tf.math.divide_no_nan(limit, grad_norm), tf.ones_like(grad_norm))
+
+
+@dataclasses.dataclass(frozen=True)
+class LambRule:
+    """LAMB's trust ratio on the optimizer's direction d: sigma = trust_scale * ||w|| / ||d||.
+
+    phi(x) = x. LAMB's guard: sigma = 1 when ||w|| or ||d|| is zero. Unlike the clipping rules sigma may exceed 1.
+    """
+
+    trust_scale: float
+
+    def __call__(self, step: StepInputs, reduce_axes: Sequence[int]) -> tf.Tensor:
+        weight_norm = _norm(step.variable, reduce_axes)
+        direction_norm = _norm(step.direction, reduce_axes)
+        ratio = self.trust_scale * tf.math.divide_no_nan(weight_norm, direction_norm)
+        return tf.where((weight_norm > 0.0) & (direction_norm > 0.0), ratio, tf.ones_like(ratio))
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateRmsRule:
+    """StableAdamW's learning-rate scale (Wortsman et al. 2023): sigma = 1 / max(1, RMS(g * p) / threshold).
+
+    RMS(g * p) over the tensor (or slice) measures how far the gradient has outgrown the second moment the
+    preconditioner p was built from (Adam: g / sqrt(v_hat) has RMS ~1 when v_hat tracks g^2); a spike above
+    `threshold` (d = 1 in the paper) shrinks the step by that factor. Adafactor's update clipping is the same test
+    on the update.
+    """
+
+    threshold: float
+
+    def __call__(self, step: StepInputs, reduce_axes: Sequence[int]) -> tf.Tensor:
+        normalized = step.grad * step.precondition
+        rms = tf.sqrt(tf.reduce_mean(tf.square(normalized), axis=reduce_axes, keepdims=True))
+        return 1.0 / tf.maximum(1.0, rms / self.threshold)
+
+
+@dataclasses.dataclass(frozen=True)
+class MinimumRule:
+    """The smallest of several rules' scales: every rule's limit holds at once."""
+
+    rules: tuple
+
+    def __call__(self, step: StepInputs, reduce_axes: Sequence[int]) -> tf.Tensor:
+        scales = [rule(step, reduce_axes) for rule in self.rules]
+        smallest = scales[0]
+        for scale in scales[1:]:
+            smallest = tf.minimum(smallest, scale)
+        return smallest
