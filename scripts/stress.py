@@ -68,7 +68,7 @@ with _stderr_silenced():
     from tfrs_clippy.data import make_pipeline, shock_stream
     from tfrs_clippy.data.shock import SHOCKS
     from tfrs_clippy.keras_runtime import keras
-    from tfrs_clippy.optimizers import PAPER_GRIDS, LinearWarmup, build_optimizer
+    from tfrs_clippy.optimizers import PAPER_GRIDS, LinearWarmup, ScaledAdagrad, build_optimizer
     from tfrs_clippy.stability import AdagradStepLogger, DivergenceMonitor, RollbackOnDivergence, SharpnessMonitor
     from tfrs_clippy.stability import _plotting
 
@@ -78,8 +78,42 @@ RECORD_VERSION = 2
 """Part of every run's config, hence of its key: bump it when a change to this script changes results."""
 
 STAGES = ("evaluate", "calibrate", "tune", "rollback", "ablation", "sharpness")
-METHODS = ("naive", "gc", "agc", "lamb", "clippy")
-TUNED_METHODS = ("gc", "agc", "lamb")
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """The methods compared on one base optimizer (`--optimizer`), and how its 1x is found.
+
+    Attributes:
+        methods: The methods of `--methods`, in table order: keys of `tfrs_clippy.optimizers.METHODS`, or of
+            `VARIANTS`.
+        tuned: The methods whose threshold is tuned on the paper's grid (`tune`).
+        reference: The unscaled method: `calibrate` sweeps it, `rollback` and `ablation` train it.
+        calibration_rates: The absolute learning rates `calibrate` sweeps.
+        stages: The stages this family runs.
+    """
+
+    methods: tuple[str, ...]
+    tuned: tuple[str, ...]
+    reference: str
+    calibration_rates: tuple[float, ...]
+    stages: tuple[str, ...]
+
+
+VARIANTS = {
+    # StableAdamW's test alone (Wortsman et al. 2023: d = 1), and with Clippy's bound (the smaller scale wins).
+    "stable_adam": ("clippy_adam", {"variable_relative_threshold": math.inf, "absolute_threshold": math.inf,
+                                    "update_rms_threshold": 1.0}),
+    "clippy_adam_rms": ("clippy_adam", {"update_rms_threshold": 1.0}),
+}
+"""Stress methods that are a library method with fixed arguments: name -> (method, arguments)."""
+FAMILIES = {
+    "adagrad": Family(methods=("naive", "gc", "agc", "lamb", "clippy"), tuned=("gc", "agc", "lamb"),
+                      reference="naive", calibration_rates=(0.05, 0.1, 0.2, 0.4, 0.8, 1.6), stages=STAGES),
+    "adam": Family(methods=("adam", "gc_adam", "agc_adam", "lamb_adam", "clippy_adam", "stable_adam",
+                            "clippy_adam_rms"), tuned=("gc_adam", "agc_adam", "lamb_adam"), reference="adam",
+                   calibration_rates=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1), stages=("evaluate", "calibrate", "tune")),
+}
+TUNED_METHODS = tuple(method for family in FAMILIES.values() for method in family.tuned)
 STREAM = {"num_days": 6, "examples_per_day": 25_600, "shock_day": 3}
 BATCH_SIZE = 512
 SHOCK_STEP = STREAM["shock_day"] * STREAM["examples_per_day"] // BATCH_SIZE
@@ -99,7 +133,6 @@ def set_examples_per_day(examples_per_day: int) -> None:
     STEP_WINDOW = range(max(SHOCK_STEP - 5, 0), SHOCK_STEP + 30)
 TUNING_SEEDS = range(1000, 1005)
 """Seeds of `calibrate` and `tune`; evaluation seeds start at --seed-offset (0) and must not overlap them."""
-CALIBRATION_LEARNING_RATES = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
 SURVIVAL_SEEDS_NEEDED = 4
 ABLATIONS = {
     "base": {},
@@ -110,9 +143,21 @@ ABLATIONS = {
     "one task fewer": {"tasks": {"base_rates": (0.3, 0.1, 0.03), "regression": False}},
     "two tasks fewer": {"tasks": {"base_rates": (0.3, 0.1), "regression": False}},
 }
-DEFAULT_TUNING = REPOSITORY / "docs" / "stress" / "tune" / "dormant_features" / "tuning.json"
-DEFAULT_CALIBRATION = REPOSITORY / "docs" / "stress" / "calibrate" / "calibration.json"
+COMMITTED = REPOSITORY / "docs" / "stress"
 """The committed results of `make stress` (`--out docs/stress`), which later commands read by default."""
+
+
+def stage_root(out: pathlib.Path, optimizer: str) -> pathlib.Path:
+    """Where a family's stages write: `<out>/<stage>` for Adagrad (the paper's), `<out>/adam/<stage>` for Adam."""
+    return out if optimizer == "adagrad" else out / optimizer
+
+
+def default_calibration(optimizer: str) -> pathlib.Path:
+    return stage_root(COMMITTED, optimizer) / "calibrate" / "calibration.json"
+
+
+def default_tuning(optimizer: str) -> pathlib.Path:
+    return stage_root(COMMITTED, optimizer) / "tune" / "dormant_features" / "tuning.json"
 ROLLBACK = {"lr_factor": 0.5, "skip_batches": 10, "snapshot_every_n_steps": 5}
 SHARPNESS = {"every_n_steps": 25, "max_batch_size": 256, "max_iterations": 20}
 
@@ -140,14 +185,16 @@ def run_config(method: str, multiplier: float, base_learning_rate: float, shock:
 
 
 def tuned_hyperparameters(tuning: dict, method: str, multiplier: float) -> dict:
-    """The grid point `tune` chose for (method, multiplier); Clippy's paper setting; nothing for naive."""
+    """The grid point `tune` chose for (method, multiplier); a variant's arguments; else the method's one point."""
+    if method in VARIANTS:
+        return dict(VARIANTS[method][1])
     if method not in TUNED_METHODS:
         return dict(PAPER_GRIDS[method][0])
     chosen = tuning.get(method, {}).get(reporting.format_multiplier(multiplier))
     if chosen is None:
         raise ValueError(
             f"--tuning has no tuned setting for {method} at {reporting.format_multiplier(multiplier)}: run "
-            f"`scripts/stress.py --stage tune --lr-multipliers {multiplier:g}` first."
+            f"`scripts/stress.py --stage tune --lr-multipliers {multiplier:g}` (with the same --optimizer) first."
         )
     return chosen
 
@@ -156,6 +203,7 @@ def plan(args: argparse.Namespace, base: float, tuning: dict) -> list[dict[str, 
     """The runs of the command's stage, ordered seed by seed so each stream is generated once."""
     seeds = range(args.seed_offset, args.seed_offset + args.seeds)
     shocks = [args.shock] if args.shock == "none" or args.no_control else [args.shock, "none"]
+    family = FAMILIES[args.optimizer]
     configs = []
     if args.stage == "evaluate":
         for seed in seeds:
@@ -165,17 +213,17 @@ def plan(args: argparse.Namespace, base: float, tuning: dict) -> list[dict[str, 
                         hyperparameters = tuned_hyperparameters(tuning, method, multiplier)
                         configs.append(run_config(method, multiplier, base, shock, seed, hyperparameters))
     elif args.stage == "calibrate":
-        configs = [run_config("naive", rate / base, base, "none", seed)
-                   for seed in TUNING_SEEDS for rate in CALIBRATION_LEARNING_RATES]
+        configs = [run_config(family.reference, rate / base, base, "none", seed)
+                   for seed in TUNING_SEEDS for rate in family.calibration_rates]
     elif args.stage == "tune":
         configs = [run_config(method, multiplier, base, args.shock, seed, point)
-                   for seed in list(TUNING_SEEDS)[:args.seeds] for method in TUNED_METHODS
+                   for seed in list(TUNING_SEEDS)[:args.seeds] for method in family.tuned
                    for point in PAPER_GRIDS[method] for multiplier in args.lr_multipliers]
     elif args.stage == "rollback":
-        configs = [run_config("naive", multiplier, base, args.shock, seed, rollback=rollback)
+        configs = [run_config(family.reference, multiplier, base, args.shock, seed, rollback=rollback)
                    for seed in seeds for multiplier in args.lr_multipliers for rollback in (False, True)]
     elif args.stage == "ablation":
-        configs = [run_config("naive", multiplier, base, shock, seed, variant=variant)
+        configs = [run_config(family.reference, multiplier, base, shock, seed, variant=variant)
                    for seed in seeds for variant in ABLATIONS for shock in shocks for multiplier in args.lr_multipliers]
     elif args.stage == "sharpness":
         configs = [run_config(method, multiplier, base, args.shock, seed,
@@ -251,7 +299,8 @@ def train_run(config: dict[str, Any], cache: StreamCache) -> dict[str, Any]:
     ranker = models.build_ranker(spec, models.RankerConfig(**{**RANKER, **variant.get("ranker", {})}))
     names = readable_names(ranker)
     # Unfused dense steps: at these widths XLA's compile time per run exceeds what it saves in 300 steps.
-    optimizer = build_optimizer(config["method"], LinearWarmup(config["learning_rate"], WARMUP_STEPS),
+    method = VARIANTS[config["method"]][0] if config["method"] in VARIANTS else config["method"]
+    optimizer = build_optimizer(method, LinearWarmup(config["learning_rate"], WARMUP_STEPS),
                                 export_clipping_factors=True, fuse_dense_updates=False, **config["hyperparameters"])
     ranker.compile(optimizer=optimizer)
     if config["rollback"]:
@@ -260,8 +309,11 @@ def train_run(config: dict[str, Any], cache: StreamCache) -> dict[str, Any]:
                                        snapshot_every_n_steps=rollback["snapshot_every_n_steps"])
     else:
         monitor = DivergenceMonitor()
-    steps = AdagradStepLogger(steps=STEP_WINDOW, name_of=lambda variable: names.get(variable.name, variable.name))
-    callbacks = [monitor, steps]
+    callbacks = [monitor]
+    steps = None
+    if isinstance(optimizer, ScaledAdagrad):  # the logger reads Adagrad's accumulators
+        steps = AdagradStepLogger(steps=STEP_WINDOW, name_of=lambda variable: names.get(variable.name, variable.name))
+        callbacks.append(steps)
     if "sharpness" in config:
         # A fixed batch of the first post-shock day: how sharp the loss the shock brings is, at every point of training.
         post_shock_batch = next(iter(train.skip(SHOCK_STEP)))
@@ -296,7 +348,7 @@ def train_run(config: dict[str, Any], cache: StreamCache) -> dict[str, Any]:
         "peak_loss_ratio": peak_loss_ratio(losses),
         "peak_step": int(np.argmax(finite)),
         "dead_unit_fraction": dead_unit_fraction(ranker, held_out_features),
-        "steps": {"steps": steps.record.steps, **steps.record.values},
+        "steps": {"steps": steps.record.steps, **steps.record.values} if steps else None,
         "nonfinite_steps_skipped": int(optimizer.nonfinite_steps.numpy()),
         "rollbacks": monitor.rollbacks if isinstance(monitor, RollbackOnDivergence) else None,
         # Steps a rollback undid: from the restored snapshot to the spike, then the skipped batches.
@@ -316,7 +368,8 @@ def train_run(config: dict[str, Any], cache: StreamCache) -> dict[str, Any]:
 def describe(config: dict[str, Any]) -> str:
     """E.g. "dormant_features gc(threshold=0.01) lr=2x (0.4) seed=1" (+ variant, + " rollback")."""
     settings = ",".join(f"{name}={value:g}" for name, value in sorted(config["hyperparameters"].items()))
-    method = f"{config['method']}({settings})" if settings and config["method"] != "clippy" else config["method"]
+    shown = settings and config["method"] in TUNED_METHODS
+    method = f"{config['method']}({settings})" if shown else config["method"]
     text = (f"{config['shock']} {method} lr={reporting.format_multiplier(config['lr_multiplier'])} "
             f"({config['learning_rate']:g}) seed={config['seed']}")
     if config["variant"] != "base":
@@ -660,22 +713,34 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--stage", default="evaluate", choices=STAGES)
     parser.add_argument("--shock", default="dormant_features", choices=SHOCKS)
     parser.add_argument("--no-control", action="store_true", help="do not also run the control stream")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, among " + ",".join(METHODS))
+    parser.add_argument("--optimizer", default="adagrad", choices=tuple(FAMILIES),
+                        help="the base optimizer whose methods are compared (Adagrad: the paper's)")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated; default: all of the optimizer's, "
+                             + "; ".join(f"{name}: {','.join(family.methods)}" for name, family in FAMILIES.items()))
     parser.add_argument("--lr-multipliers", default="1,2", help="comma-separated multipliers of 1x")
     parser.add_argument("--seeds", type=int, default=5, help="number of evaluation seeds")
     parser.add_argument("--seed-offset", type=int, default=0, help="the first evaluation seed")
     parser.add_argument("--base-learning-rate", type=float, default=None,
-                        help=f"1x; default: the calibrated rate in {DEFAULT_CALIBRATION.relative_to(REPOSITORY)}")
-    parser.add_argument("--tuning", default=str(DEFAULT_TUNING), help="tuning.json of the tune stage")
+                        help="1x; default: the calibrated rate in "
+                             f"{default_calibration('adagrad').relative_to(REPOSITORY)} (Adam: "
+                             f"{default_calibration('adam').relative_to(REPOSITORY)})")
+    parser.add_argument("--tuning", default=None,
+                        help=f"tuning.json of the tune stage; default: {default_tuning('adagrad').relative_to(REPOSITORY)}"
+                             f" (Adam: {default_tuning('adam').relative_to(REPOSITORY)})")
     parser.add_argument("--out", default="results/stress", help="output folder (tables, plots, summaries)")
     parser.add_argument("--runs-dir", default=None, help="where run records are cached (default: <out>/runs)")
     parser.add_argument("--examples-per-day", type=int, default=STREAM["examples_per_day"],
                         help="examples per day of the 6-day stream (the shock starts on day 3)")
     args = parser.parse_args(argv)
-    args.methods = comma_list(args.methods)
-    unknown = [method for method in args.methods if method not in METHODS]
+    family = FAMILIES[args.optimizer]
+    args.methods = list(family.methods) if args.methods is None else comma_list(args.methods)
+    unknown = [method for method in args.methods if method not in family.methods]
     if unknown or not args.methods:
-        parser.error(f"--methods must be among {METHODS}, got {args.methods}")
+        parser.error(f"--methods must be among {family.methods} (--optimizer {args.optimizer}), got {args.methods}")
+    if args.stage not in family.stages:
+        parser.error(f"--stage {args.stage} is not run for --optimizer {args.optimizer} (its stages: {family.stages})")
+    args.tuning = args.tuning or str(default_tuning(args.optimizer))
     try:
         args.lr_multipliers = [float(value) for value in comma_list(args.lr_multipliers)]
     except ValueError:
@@ -701,10 +766,11 @@ def base_learning_rate(args: argparse.Namespace) -> float:
         return 1.0
     if args.base_learning_rate is not None:
         return args.base_learning_rate
-    if not DEFAULT_CALIBRATION.exists():
-        raise SystemExit(f"No {DEFAULT_CALIBRATION}: run `scripts/stress.py --stage calibrate` or pass "
-                         "--base-learning-rate.")
-    return float(reporting.read_json(DEFAULT_CALIBRATION)["base_learning_rate"])
+    calibration = default_calibration(args.optimizer)
+    if not calibration.exists():
+        raise SystemExit(f"No {calibration}: run `scripts/stress.py --optimizer {args.optimizer} --stage calibrate` "
+                         "or pass --base-learning-rate.")
+    return float(reporting.read_json(calibration)["base_learning_rate"])
 
 
 def commit() -> str:
@@ -734,7 +800,7 @@ def write_reports(args: argparse.Namespace, records: list[dict[str, Any]], out: 
         for multiplier in args.lr_multipliers:
             label = reporting.format_multiplier(multiplier)
             plot_losses(records, out / f"loss_{label}.png", multiplier, args.shock)
-            if args.shock != "none":
+            if args.shock != "none" and args.optimizer == "adagrad":  # Adam runs log no per-layer Adagrad steps
                 plot_shock_layers(records, out / f"layers_at_shock_{label}.png", multiplier, args.shock)
                 if "clippy" in args.methods:
                     plot_clippy_factors(records, out / f"clippy_factors_{label}.png", multiplier, args.shock)
@@ -762,7 +828,7 @@ def write_reports(args: argparse.Namespace, records: list[dict[str, Any]], out: 
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     set_examples_per_day(args.examples_per_day)
-    out = pathlib.Path(args.out) / args.stage
+    out = stage_root(pathlib.Path(args.out), args.optimizer) / args.stage
     if args.stage != "calibrate":  # the calibration sweep always runs on the control stream
         out = out / args.shock
     base = base_learning_rate(args)

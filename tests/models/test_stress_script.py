@@ -23,6 +23,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 def _stress_module():
     spec = importlib.util.spec_from_file_location("stress", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve the script's annotations through its module
     spec.loader.exec_module(module)
     return module
 
@@ -54,6 +55,26 @@ def test_tiny_stress_run_writes_the_summary_tables_and_plots_and_resumes(tmp_pat
     assert again.returncode == 0 and again.stdout.count("cached") == 4
 
 
+@pytest.mark.slow
+def test_tiny_adam_family_run_writes_under_adam(tmp_path):
+    """--optimizer adam: the Adam methods, a variant with fixed arguments, no Adagrad step logs, its own folder."""
+    flags = ["--optimizer", "adam", "--methods", "adam,stable_adam", "--no-control", "--lr-multipliers", "1",
+             "--seeds", "1", "--seed-offset", "7", "--base-learning-rate", "0.02", "--examples-per-day", "2048",
+             "--out", str(tmp_path)]
+    result = _run(*flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "adam" / "evaluate" / "dormant_features" / "summary.json").read_text())
+    assert [run["method"] for run in summary] == ["adam", "stable_adam"]
+    assert summary[1]["hyperparameters"] == {"variable_relative_threshold": math.inf, "absolute_threshold": math.inf,
+                                             "update_rms_threshold": 1.0}
+    records = [json.loads(path.read_text()) for path in (tmp_path / "runs").glob("*.json")]
+    assert all(record["steps"] is None for record in records)
+    # StableAdamW's test fires on this stream: the two runs differ.
+    assert len({round(record["losses"][-1], 6) for record in records}) == 2
+    table = (tmp_path / "adam" / "evaluate" / "dormant_features" / "table.md").read_text()
+    assert "| stable_adam | 1x |" in table
+
+
 def test_peak_loss_ratio_and_bad_flags():
     stress = _stress_module()
     stress.set_examples_per_day(2048)  # shock at step 12
@@ -61,7 +82,9 @@ def test_peak_loss_ratio_and_bad_flags():
     assert stress.peak_loss_ratio(losses) == pytest.approx(25.0)
     assert stress.peak_loss_ratio(losses[:13] + [math.nan] + losses[14:]) == math.inf
     for flags, message in ((["--methods", "adam"], "--methods"), (["--lr-multipliers", "0"], "--lr-multipliers"),
-                           (["--seed-offset", "998", "--seeds", "3"], "overlaps the tuning seeds")):
+                           (["--seed-offset", "998", "--seeds", "3"], "overlaps the tuning seeds"),
+                           (["--optimizer", "adam", "--stage", "rollback"], "is not run for --optimizer adam"),
+                           (["--optimizer", "adam", "--methods", "clippy"], "--methods")):
         with pytest.raises(SystemExit):
             stress.parse_args(flags)
         result = _run(*flags)

@@ -104,6 +104,11 @@ class ScaledOptimizer(RuntimeOptimizer):
         rule = None if matches_any(self.exclude_from_clipping, name) else self.scaling_rule()
         return Scaling(rule, self.clipping_axis_for(name, variable.shape.rank, sparse))
 
+    def slots_of(self, variable: Any) -> Any:
+        """The optimizer state of a model variable this optimizer was built with: a `slots_type` instance
+        (`core.Slots`, `adam_core.AdamSlots`), for code that computes steps outside the optimizer (PUB)."""
+        return self._slots[self._slot_index(variable)]
+
     # The family's hooks ---------------------------------------------------------------------------------------
 
     slots_type: type = NotImplemented
