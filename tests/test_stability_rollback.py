@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 from tfrs_clippy.keras_runtime import keras
-from tfrs_clippy.optimizers import LinearWarmup
+from tfrs_clippy.optimizers import ClippyAdagrad, LinearWarmup
 from tfrs_clippy.stability import DetectorConfig, RollbackOnDivergence
 
 BATCH_SIZE = 16
@@ -100,6 +100,21 @@ def test_nan_rolls_back_from_disk_with_a_lower_learning_rate(tmp_path):
     score = rollback.record.instability_score()
     assert (score.full_divergences, score.rescued_divergences, score.diverged) == (0, 2, False)
     assert len(list(tmp_path.glob("*.npz"))) == 2
+
+
+def test_rollback_keeps_the_count_of_skipped_steps_in_both_runtimes():
+    """ClippyAdagrad skips the NaN step and counts it; the rollback it causes restores state, not the count."""
+    def nan_targets(block):
+        block[0] = np.nan
+
+    features, targets = _data(30, nan_targets)
+    rollback = RollbackOnDivergence(snapshot_every_n_steps=5, skip_batches=2)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, kernel_initializer="zeros")])
+    model.compile(optimizer=ClippyAdagrad.from_paper(0.1, export_clipping_factors=True), loss="mse")
+    model.fit(features, targets, batch_size=BATCH_SIZE, epochs=1, shuffle=False, verbose=0, callbacks=[rollback])
+    assert [(e.step, e.restored_step) for e in rollback.rollback_events] == [(30, 25)]
+    assert int(model.optimizer.nonfinite_steps) == 2  # the kernel's and the bias's step of batch 30
+    assert all(np.all(np.isfinite(w)) for w in model.get_weights())
 
 
 def test_rescued_nan_does_not_stop_training_but_an_unrescued_one_does():

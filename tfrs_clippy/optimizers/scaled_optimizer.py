@@ -104,6 +104,16 @@ class ScaledOptimizer(RuntimeOptimizer):
         rule = None if matches_any(self.exclude_from_clipping, name) else self.scaling_rule()
         return Scaling(rule, self.clipping_axis_for(name, variable.shape.rank, sparse))
 
+    @property
+    def diagnostic_variables(self) -> list[tf.Variable]:
+        """The variables that describe past steps instead of holding state: skip counts and exported factors.
+
+        Keras 3 lists them in `variables`, Keras 2 only the factors (TFRS's checkpoint layout); a rollback
+        (`stability.RollbackOnDivergence`) leaves them as they are in both, since the steps they count happened.
+        """
+        return [slot for slots in self._slots for slot in (slots.nonfinite_steps, slots.clipping_factor)
+                if slot is not None]
+
     def slots_of(self, variable: Any) -> Any:
         """The optimizer state of a model variable this optimizer was built with: a `slots_type` instance
         (`core.Slots`, `adam_core.AdamSlots`), for code that computes steps outside the optimizer (PUB)."""

@@ -66,8 +66,16 @@ class RollbackEvent:
 
 
 def _optimizer_variables(optimizer: Any) -> List[tf.Variable]:
-    # A list in Keras 3; a list that can also be called in tf_keras (`CallableList`).
-    return list(optimizer.variables)
+    """The optimizer's state: `optimizer.variables` without tfrs_clippy's diagnostic counters and factors.
+
+    Keras 3 lists the counters in `variables` and Keras 2 does not: leaving them out in both makes a rollback keep
+    the count of skipped steps in either runtime (the skips happened).
+    """
+    diagnostic = {id(variable) for variable in getattr(optimizer, "diagnostic_variables", [])}
+    # Keras 3 wraps each TensorFlow variable, which the optimizers' slots hold, in a Keras variable.
+    backing = lambda variable: variable if isinstance(variable, tf.Variable) else getattr(variable, "value", variable)
+    # `variables` is a list in Keras 3; a list that can also be called in tf_keras (`CallableList`).
+    return [variable for variable in optimizer.variables if id(backing(variable)) not in diagnostic]
 
 
 def _learning_rate_variable(optimizer: Any) -> Optional[tf.Variable]:
