@@ -119,6 +119,45 @@ def test_every_tfrs_case_is_collected(tfrs_test_module):
     assert len(_tfrs_test_names()) >= 6  # TFRS 0.7.x ships 6; fewer would mean cases this harness missed
 
 
+# All defaults: the README's claim, with no argument overridden ----------------------------------------------
+
+
+def _defaults_problem():
+    """A kernel with a 0 weight (TFRS's lambda_abs 1e-7 then clips hard) and a table stepped with repeated ids."""
+    kernel = tf.Variable([[0.5, 0.0, -2.0], [1.5, 0.2, -0.3]], name="kernel")
+    table = tf.Variable(np.linspace(-1.0, 1.0, 12, dtype=np.float32).reshape(6, 2), name="table")
+    rng = np.random.default_rng(4)
+    steps = [(tf.constant(rng.normal(size=(2, 3)).astype(np.float32)),
+              tf.IndexedSlices(tf.constant(rng.normal(size=(4, 2)).astype(np.float32)),
+                               tf.constant(rng.choice(6, size=4, replace=True)), tf.constant([6, 2])))
+             for _ in range(10)]
+    return [kernel, table], steps
+
+
+@pytest.mark.keras2_only
+@pytest.mark.parametrize("export_clipping_factors", [None, True])
+def test_all_defaults_equal_tfrs_with_repeated_sparse_ids(export_clipping_factors):
+    """`ClippyAdagrad()` and TFRS's `ClippyAdagrad()`, nothing overridden (None: not even the export flag)."""
+    from tensorflow_recommenders.experimental.optimizers import ClippyAdagrad as TfrsClippyAdagrad
+
+    arguments = {} if export_clipping_factors is None else {"export_clipping_factors": True}
+    results = []
+    for optimizer in (ClippyAdagrad(**arguments), TfrsClippyAdagrad(**arguments)):
+        variables, steps = _defaults_problem()
+        factors = []
+        for grads in steps:
+            optimizer.apply_gradients(zip(grads, variables))
+            if arguments:
+                factors.append([float(factor) for factor in optimizer.clipping_factors])
+        results.append(([v.numpy() for v in variables], _accumulators(optimizer, variables), factors))
+    (ours, our_accumulators, our_factors), (theirs, their_accumulators, their_factors) = results
+    for mine, reference in zip([*ours, *our_accumulators], [*theirs, *their_accumulators], strict=True):
+        np.testing.assert_allclose(mine, reference, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(our_factors, their_factors, rtol=1e-5, atol=1e-9)
+    if arguments:
+        assert min(min(step) for step in our_factors) < 1e-3  # the 0 weight clipped: the comparison is not vacuous
+
+
 # epsilon: 0 is well defined with a positive initial accumulator, which G never falls below ---------------------
 
 MODES = {
