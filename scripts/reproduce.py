@@ -44,9 +44,10 @@ import tensorflow as tf
 
 import models
 from tfrs_clippy import reporting
-from tfrs_clippy.data import Splits, census_income, make_pipeline, movielens_100k, synthetic
+from tfrs_clippy.data import ChunkedExamples, Splits, census_income, make_pipeline, movielens_100k, synthetic
 from tfrs_clippy.keras_runtime import LEGACY_KERAS, keras
 from tfrs_clippy.optimizers import PAPER_GRIDS, LinearWarmup, build_optimizer
+from tfrs_clippy.optimizers.variable_names import matches_any
 from tfrs_clippy.stability import ClippingFactorLogger, DivergenceMonitor, RollbackOnDivergence
 
 RECORD_VERSION = 2
@@ -60,6 +61,12 @@ MODELS = ("small", "large", "large_dcn")
 METHODS = ("naive", "gc", "agc", "lamb", "clippy")
 OUTPUT_BIASES = ("label_prior", "zero")
 EVAL_BATCH_SIZE = 4096
+
+EMBEDDING_PATTERN = "embedding"
+"""The regular expression naming the embedding tables, which every method leaves to plain Adagrad, as the paper
+does (`build_optimizer(embedding_pattern=...)`). This script matches it as the optimizers do (`matches_any`: a
+`re.search`) on the name they see (e.g. "ranker/embedding/table_user_id/embeddings:0"), to leave those tables' clipping
+factors (always 1) out of the records and Figure 6. Changing it changes results: bump RECORD_VERSION."""
 
 WARMUP_FRACTION = 0.1
 """The default --warmup-steps as a share of a run's steps (rounded): 16 of ML-100K's 157 steps at batch 512.
@@ -252,8 +259,22 @@ def readable_variable_names(model: models.Ranker) -> dict[str, str]:
     return names
 
 
-def held_out(splits: Splits, eval_examples: int) -> tf.data.Dataset:
-    """The test split, or its first `eval_examples` examples when that is not 0."""
+def clipped_factors(factors: dict[str, list[float]], names: dict[str, str],
+                    embedding_pattern: str = EMBEDDING_PATTERN) -> dict[str, list[float]]:
+    """The recorded factors of the variables the optimizer clips, under their readable names.
+
+    Args:
+        factors: `ClippingFactorLogger.record.factors`, keyed by the optimizer's variable names.
+        names: `readable_variable_names` of the model; a name it lacks is kept as it is.
+        embedding_pattern: The `embedding_pattern` the optimizer was built with: a variable whose name it matches
+            (`variable_names.matches_any`, the optimizers' rule) is an embedding table and is left out.
+    """
+    return {names.get(name, name): values for name, values in factors.items()
+            if not matches_any([embedding_pattern], name)}
+
+
+def held_out(splits: Splits, eval_examples: int) -> ChunkedExamples:
+    """The test split, or its first `eval_examples` examples when that is not 0 (still in chunks: batched fast)."""
     return splits.test.take(eval_examples) if eval_examples else splits.test
 
 
@@ -264,7 +285,7 @@ def constant_prediction_rmse(splits: Splits, eval_examples: int) -> dict[str, fl
     """
     regression = [task for task in splits.spec.tasks if task.kind == "regression"]
 
-    def label_columns(dataset: tf.data.Dataset) -> dict[str, np.ndarray]:
+    def label_columns(dataset: ChunkedExamples) -> dict[str, np.ndarray]:
         batches = [labels for _, labels in make_pipeline(dataset, EVAL_BATCH_SIZE, prefetch=False)]
         return {task.name: np.concatenate([batch[task.label_key].numpy() for batch in batches]) for task in regression}
 
@@ -287,8 +308,9 @@ def train_and_evaluate(config: dict[str, Any], splits: Splits, constant_rmse: di
     # No warm-up: the plain constant rate, exactly as before LinearWarmup existed.
     learning_rate = (LinearWarmup(config["learning_rate"], config["warmup_steps"]) if config["warmup_steps"]
                      else config["learning_rate"])
-    optimizer = build_optimizer(config["method"], learning_rate, export_clipping_factors=logs_factors,
-                                fuse_dense_updates=config["fuse_dense_updates"], **config["hyperparameters"])
+    optimizer = build_optimizer(config["method"], learning_rate, embedding_pattern=EMBEDDING_PATTERN,
+                                export_clipping_factors=logs_factors, fuse_dense_updates=config["fuse_dense_updates"],
+                                **config["hyperparameters"])
     ranker.compile(optimizer=optimizer)
     if config["rollback"]:
         monitor = RollbackOnDivergence(lr_factor=config["rollback"]["lr_factor"])
@@ -321,10 +343,9 @@ def train_and_evaluate(config: dict[str, Any], splits: Splits, constant_rmse: di
     if isinstance(monitor, RollbackOnDivergence):
         record["rollbacks"] = monitor.rollbacks
     if factor_logger is not None:
-        names = readable_variable_names(ranker)
         record["clipping_factors"] = {
             "steps": factor_logger.record.steps,
-            "factors": {names.get(name, name): values for name, values in factor_logger.record.factors.items()},
+            "factors": clipped_factors(factor_logger.record.factors, readable_variable_names(ranker)),
         }
     return record
 
@@ -446,7 +467,8 @@ def write_reports(records: list[dict[str, Any]], args: argparse.Namespace, out: 
         # Figure 6 shows the largest model: prefer Large+DCN, then Large, then Small; the first seed.
         shown = min(clippy_runs, key=lambda r: (-MODELS.index(r["config"]["model"]), r["config"]["seed"]))
         path = out / f"clipping_factors_{top:g}x.png"
-        written.append(pathlib.Path(reporting.plot_run_clipping_factors(shown, str(path))))
+        # The pattern drops the tables from records written before `clipped_factors` left them out.
+        written.append(pathlib.Path(reporting.plot_run_clipping_factors(shown, str(path), EMBEDDING_PATTERN)))
     return written
 
 

@@ -594,14 +594,14 @@ def _check_resumable(directory: pathlib.Path, args: argparse.Namespace) -> None:
 
 
 def training_input(args: argparse.Namespace, strategy: tf.distribute.Strategy, skip: int,
-                   train_examples: Optional[tf.data.Dataset] = None) -> Any:
+                   train_examples: Optional[data.ChunkedExamples] = None) -> Any:
     """The global batches after the first `skip`, as `fit` takes them under `strategy`.
 
     `train_examples` is the training split if already loaded (else it is loaded: Census-Income takes ~20 s);
     under ParameterServerStrategy each worker loads its own.
     """
 
-    def batches(examples: tf.data.Dataset) -> tf.data.Dataset:
+    def batches(examples: data.ChunkedExamples) -> tf.data.Dataset:
         return data.make_pipeline(
             examples, args.batch_size, shuffle_window=args.shuffle_window, seed=args.seed, epochs=args.epochs,
             drop_remainder=True,

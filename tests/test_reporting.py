@@ -258,3 +258,23 @@ def test_plots_write_pngs_and_drop_embedding_factors(recorded_runs, tmp_path):
     assert os.path.getsize(reporting.plot_run_clipping_factors(clippy, str(tmp_path / "factors.png"))) > 5000
     with pytest.raises(ValueError, match="no clipping factors"):
         reporting.clipping_factor_record(recorded_runs[0])
+
+
+def test_skip_pattern_is_a_regular_expression_searched_as_the_optimizers_do(recorded_runs, tmp_path):
+    clippy = dict(recorded_runs[6])
+    clippy["clipping_factors"] = {
+        "steps": [0, 1],
+        "factors": {"embedding/table_user_id/embeddings": [1.0, 1.0], "bottom/dense/kernel": [1.0, 0.4],
+                    "tower_like/embedding_head/kernel": [0.9, 0.8]},
+    }
+    # Neither pattern is a substring of any name; as regular expressions (re.search) each matches some.
+    assert list(reporting.clipping_factor_record(clippy, "embed.*table").factors) == [
+        "bottom/dense/kernel", "tower_like/embedding_head/kernel"]
+    assert list(reporting.clipping_factor_record(clippy, "^embedding").factors) == [
+        "bottom/dense/kernel", "tower_like/embedding_head/kernel"]
+    assert list(reporting.clipping_factor_record(clippy, "embedding").factors) == ["bottom/dense/kernel"]
+    with pytest.raises(ValueError, match=r"`skip_pattern` has an invalid pattern '\('"):
+        reporting.clipping_factor_record(clippy, "(")
+    # Nothing left to plot after the skip: still a plot.
+    path = reporting.plot_run_clipping_factors(clippy, str(tmp_path / "none.png"), skip_pattern="kernel|table")
+    assert os.path.getsize(path) > 1000

@@ -124,3 +124,15 @@ def test_with_clippy_adagrad_factors_and_preconditioned_sharpness(tmp_path):
     assert sharpness.record.steps == [0, 4]
     assert all(np.isfinite(sharpness.record.preconditioned_sharpness))
     assert plot_clipping_factors(logger.record, str(tmp_path / "clippy.png"))
+
+
+@pytest.mark.parametrize("steps", [[0, 1, 2], [5]])
+def test_plot_of_a_record_with_steps_and_no_variable_left_is_one_empty_panel(steps, tmp_path):
+    # E.g. every variable filtered out (reporting drops embedding tables): a plot saying so, not a ZeroDivisionError.
+    record = ClippingFactorRecord(steps=steps, factors={})
+    path = plot_clipping_factors(record, str(tmp_path / "none.png"), title="nothing clipped")
+    from matplotlib import image  # pylint: disable=import-outside-toplevel
+
+    assert image.imread(path).shape[:2] == (300, 450)  # one 4.5 x 3 inch panel at 100 dpi
+    with pytest.raises(ValueError, match="no steps"):
+        plot_clipping_factors(ClippingFactorRecord(), str(tmp_path / "empty.png"))

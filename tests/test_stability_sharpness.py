@@ -200,3 +200,69 @@ def test_hessian_vector_product_through_an_embedding_lookup_is_dense_and_exact()
     counts = np.bincount(ids.numpy(), minlength=5)[:, None]
     expected = 2 * counts * (vector.numpy() @ weights.numpy())[:, None] * weights.numpy()[None, :]
     np.testing.assert_allclose(product.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+# Which optimizers have a preconditioned sharpness -----------------------------------------------------------------
+
+
+def _fit_with_sharpness(optimizer, **monitor_arguments):
+    features, targets = _quadratic_regression_data()
+    model = _quadratic_keras_model(optimizer)
+    sharpness = SharpnessMonitor(
+        (features, targets), every_n_steps=2, max_iterations=30, tolerance=1e-5, **monitor_arguments
+    )
+    model.fit(tf.data.Dataset.from_tensors((features, targets)).repeat(4), epochs=1, verbose=0, callbacks=[sharpness])
+    return sharpness
+
+
+@pytest.mark.keras2_only
+@pytest.mark.parametrize("name", ["legacy.Adam", "legacy.Adagrad", "Adam"])
+def test_keras2_optimizers_without_readable_accumulators_skip_the_preconditioned_sharpness(name, caplog):
+    # The legacy tf_keras optimizers have slot variables and an epsilon; they used to be taken for Adagrad and
+    # crash on `_accumulators`. The legacy Adagrad divides by sqrt(G) + epsilon: not the P this measures.
+    optimizer_class = keras.optimizers.legacy.Adam if name == "legacy.Adam" else (
+        keras.optimizers.legacy.Adagrad if name == "legacy.Adagrad" else keras.optimizers.Adam)
+    with caplog.at_level("WARNING", logger="tfrs_clippy.stability.sharpness"):
+        sharpness = _fit_with_sharpness(optimizer_class(0.01))
+    assert sharpness.record.steps == [0, 2]
+    np.testing.assert_allclose(sharpness.record.sharpness, 20.0, rtol=0.01)  # the plain one is still measured
+    assert all(np.isnan(sharpness.record.preconditioned_sharpness))
+    assert type(sharpness.model.optimizer).__qualname__ in sharpness.preconditioned_skipped
+    assert "exposes no Adagrad accumulator" in sharpness.preconditioned_skipped
+    assert [record.levelname for record in caplog.records] == ["WARNING"]  # once, not per measurement
+
+
+def test_adam_skips_the_preconditioned_sharpness_unless_asked_for_it():
+    sharpness = _fit_with_sharpness(keras.optimizers.Adam(0.01))
+    assert all(np.isnan(sharpness.record.preconditioned_sharpness))
+    assert "exposes no Adagrad accumulator" in sharpness.preconditioned_skipped
+    with pytest.raises(ValueError, match=r"No Adagrad preconditioner: `optimizer` \S+Adam exposes no Adagrad"):
+        _fit_with_sharpness(keras.optimizers.Adam(0.01), preconditioned=True)
+    assert _fit_with_sharpness(keras.optimizers.Adam(0.01), preconditioned=False).preconditioned_skipped == (
+        "`preconditioned` is False")
+
+
+class PublicAccumulatorSGD(keras.optimizers.SGD):
+    """SGD that reports a fixed Adagrad accumulator through the public `accumulator(variable)`, as tfrs_clippy's
+    Adagrad optimizers do, and has no other accumulator attribute."""
+
+    epsilon = 0.0
+
+    def accumulator(self, variable):
+        # P = sqrt(G) = diag(10, 0.25) for the kernel of the quadratic model.
+        return tf.constant([[100.0], [0.0625]], variable.dtype)
+
+
+def test_preconditioned_sharpness_reads_the_public_accumulator_method():
+    sharpness = _fit_with_sharpness(PublicAccumulatorSGD(0.01))
+    # P^-1/2 H P^-1/2 = diag(20 / 10, 1 / 0.25) = diag(2, 4): 4, at every measurement.
+    np.testing.assert_allclose(sharpness.record.preconditioned_sharpness, 4.0, rtol=0.01)
+    assert sharpness.preconditioned_skipped is None
+
+
+def test_keras_adagrad_before_its_first_step_has_no_preconditioner_yet():
+    x = tf.Variable([0.3, -2.0])
+    with pytest.raises(ValueError, match="Keras's Adagrad but not built yet"):
+        adagrad_preconditioner(keras.optimizers.Adagrad(0.1), [x])
+    with pytest.raises(ValueError, match="exposes no Adagrad accumulator"):
+        adagrad_preconditioner(keras.optimizers.SGD(0.1), [x])

@@ -50,6 +50,7 @@ import numpy as np
 
 from tfrs_clippy.stability import ClippingFactorRecord, DetectorConfig, detect_divergence, plot_clipping_factors
 from tfrs_clippy.stability import _plotting
+from tfrs_clippy.optimizers.variable_names import check_patterns, matches_any
 
 Record = Mapping[str, Any]
 
@@ -509,26 +510,33 @@ def plot_training_loss(records: Sequence[Record], path: str, lr_multiplier: floa
 
 
 def clipping_factor_record(record: Record, skip_pattern: str = "embedding") -> ClippingFactorRecord:
-    """The run's recorded clipping factors as a `ClippingFactorRecord`, without variables whose name has
-    `skip_pattern` (embedding tables get plain Adagrad, so their factor is always 1).
+    """The run's recorded clipping factors as a `ClippingFactorRecord`, without the variables whose name
+    `skip_pattern` matches (embedding tables get plain Adagrad, so their factor is always 1).
+
+    `skip_pattern` is a regular expression matched as the optimizers match `embedding_pattern` and
+    `exclude_from_clipping`: `variable_names.matches_any`.
 
     Raises:
-        ValueError: The record holds no clipping factors.
+        ValueError: The record holds no clipping factors, or `skip_pattern` is not a valid regular expression.
     """
+    (skip_pattern,) = check_patterns("skip_pattern", [skip_pattern])
     factors = record.get("clipping_factors")
     if not factors or not factors["steps"]:
         raise ValueError(f"Run {record.get('key')} recorded no clipping factors.")
     return ClippingFactorRecord(
         steps=list(factors["steps"]),
-        factors={name: list(values) for name, values in factors["factors"].items() if skip_pattern not in name},
+        factors={name: list(values) for name, values in factors["factors"].items() if not matches_any([skip_pattern], name)},
     )
 
 
-def plot_run_clipping_factors(record: Record, path: str) -> str:
-    """The paper's Figure 6: one run's clipping factor per layer over training; returns `path`."""
+def plot_run_clipping_factors(record: Record, path: str, skip_pattern: str = "embedding") -> str:
+    """The paper's Figure 6: one run's clipping factor per layer over training; returns `path`.
+
+    Variables whose name `skip_pattern` matches are left out (`clipping_factor_record`).
+    """
     config = record["config"]
     title = (
         f"{config['method']} clipping factors, {MODEL_TITLES.get(config['model'], config['model'])}, "
         f"lr {format_multiplier(config['lr_multiplier'])}, seed {config['seed']}"
     )
-    return plot_clipping_factors(clipping_factor_record(record), path, title=title)
+    return plot_clipping_factors(clipping_factor_record(record, skip_pattern), path, title=title)

@@ -41,6 +41,8 @@ def test_tiny_reproduction_writes_every_output_and_resumes(tmp_path):
     clippy = [r for r in records if r["config"]["method"] == "clippy"]
     assert all(len(r["clipping_factors"]["steps"]) == 12 for r in clippy)
     assert any(name.startswith("bottom/") for name in clippy[0]["clipping_factors"]["factors"])
+    # The tables the optimizer leaves unclipped (EMBEDDING_PATTERN) are not recorded.
+    assert not any(name.startswith("embedding/") for name in clippy[0]["clipping_factors"]["factors"])
     table = (out / "table.md").read_text()
     assert "| Small AUC (like) |" in table and "| Small best lr |" in table and "scaled by 0.0625" in table
     assert "RollbackOnDivergence" in table
@@ -106,3 +108,27 @@ def test_help_prints_every_flag():
     assert result.returncode == 0, result.stderr[-2000:]
     text = " ".join(result.stdout.split())  # argparse wraps the help text
     assert "--warmup-steps" in text and "10% of a run's steps" in text
+
+
+def test_clipped_factors_leave_out_the_variables_the_embedding_pattern_matches_as_a_regular_expression():
+    reproduce = _load_script()
+    # Keyed by the names the optimizer matches its patterns against (Keras 2 variable names).
+    factors = {"ranker/embedding/table_user_id/embeddings:0": [1.0, 1.0], "dense/kernel:0": [1.0, 0.4]}
+    names = {"ranker/embedding/table_user_id/embeddings:0": "embedding/table_user_id/embeddings",
+             "dense/kernel:0": "bottom/dense/kernel"}
+    assert reproduce.clipped_factors(factors, names) == {"bottom/dense/kernel": [1.0, 0.4]}  # EMBEDDING_PATTERN
+    # Not a substring of the table's name, but re.search finds it, as it does in the optimizers.
+    assert list(reproduce.clipped_factors(factors, names, "embed.*table")) == ["bottom/dense/kernel"]
+    # The optimizer's name of the table does not start with "embedding": it is clipped, so its factor is kept.
+    assert list(reproduce.clipped_factors(factors, names, "^embedding")) == [
+        "embedding/table_user_id/embeddings", "bottom/dense/kernel"]
+
+
+def test_held_out_examples_stay_in_chunks():
+    from tfrs_clippy import data  # pylint: disable=import-outside-toplevel
+
+    reproduce = _load_script()
+    splits = data.synthetic(num_train=8_192, num_test=10_000, vocabulary_sizes=(100,))
+    held_out = reproduce.held_out(splits, 1000)
+    assert held_out.num_examples == 1000 and [len(labels["binary_0"]) for _, labels in held_out.chunks] == [1000]
+    assert reproduce.held_out(splits, 0) is splits.test

@@ -1,18 +1,19 @@
 """Datasets, feature specs and input pipelines.
 
-Every dataset function returns `Splits`: unbatched `tf.data.Dataset`s of `(features, labels)` dictionaries in time
-order, and the `DatasetSpec` that describes them; `make_pipeline` batches them for training.
+Every dataset function returns `Splits`: `ChunkedExamples` of `(features, labels)` dictionaries in time order, and
+the `DatasetSpec` that describes them; `make_pipeline` batches them for training.
 """
 
 from tfrs_clippy.data.census import census_income
 from tfrs_clippy.data.movielens import movielens_100k
-from tfrs_clippy.data.pipeline import make_pipeline
+from tfrs_clippy.data.pipeline import ChunkedExamples, make_pipeline
 from tfrs_clippy.data.shock import shock_stream
 from tfrs_clippy.data.spec import DatasetSpec, FeatureSpec, TaskSpec
 from tfrs_clippy.data.synthetic import synthetic
 from tfrs_clippy.data.tables import OOV_TOKEN, DataError, MissingDataPackageError, Splits
 
 __all__ = [
+    "ChunkedExamples",
     "DataError",
     "DatasetSpec",
     "FeatureSpec",

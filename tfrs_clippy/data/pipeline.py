@@ -1,36 +1,122 @@
 """Input pipelines that keep time order: batching, shuffling only inside a time window, epochs, prefetch.
 
 Speed: `tf.data` pays per example and per tensor when it batches single examples, which with 40 features caps
-an input pipeline near 20-40k examples/s. So the loaders of this package build their datasets from *chunks*,
-blocks of consecutive examples in columns, and register them with `examples_from_chunks`; `make_pipeline` re-cuts
-those chunks into batches (`Dataset.rebatch`, a slice per tensor), an order of magnitude faster. Any other dataset
-is batched example by example once and then goes through the same code, with the same result.
+an input pipeline near 20-40k examples/s. So the loaders of this package build their splits from *chunks*,
+blocks of consecutive examples in columns, and return them as `ChunkedExamples`; `make_pipeline` re-cuts those
+chunks into batches (`Dataset.rebatch`, a slice per tensor), an order of magnitude faster. `ChunkedExamples` is
+its own type, not a `tf.data.Dataset`, so that no dataset operation can drop the chunks unnoticed: what it offers
+keeps them (`take`), and `examples()` is the explicit way out to a per-example dataset. `make_pipeline` batches any
+other (unbatched) `tf.data.Dataset` example by example once and then runs the same code, with the same result.
 """
 
 from __future__ import annotations
 
-import weakref
+import numbers
+from typing import Any, Union
 
 import tensorflow as tf
 
 Example = tuple[dict[str, tf.Tensor], dict[str, tf.Tensor]]
 
-_CHUNKS: "weakref.WeakKeyDictionary[tf.data.Dataset, tf.data.Dataset]" = weakref.WeakKeyDictionary()
-"""Unbatched datasets made by `examples_from_chunks`, mapped to the chunks they unbatch."""
+
+def _chunk_size(chunk: Example) -> tf.Tensor:
+    """The number of examples in a chunk (every tensor of it has them along its first axis), as int64."""
+    return tf.shape(tf.nest.flatten(chunk)[0], out_type=tf.int64)[0]
 
 
-def examples_from_chunks(chunks: tf.data.Dataset, num_examples: int) -> tf.data.Dataset:
-    """The unbatched examples of `chunks`, a dataset of blocks of consecutive examples (any block sizes).
+class ChunkedExamples:
+    """Unbatched `(features, labels)` examples in time order, kept as the chunks they come in.
 
-    `make_pipeline` recognizes the returned dataset and batches it by re-cutting `chunks`.
+    What `make_pipeline` batches fast. It is deliberately not a `tf.data.Dataset`: any dataset operation on the
+    examples (`map`, `filter`, ...) returns a plain per-example dataset, and the pipeline would then batch one
+    example at a time without a word. Asking for such an operation raises an AttributeError that points to
+    `examples()`, the per-example `tf.data.Dataset`, for when that is really wanted.
+
+    Attributes:
+        chunks: Batched `(features, labels)` elements in time order (blocks of consecutive examples, any sizes).
+        num_examples: The total number of examples in `chunks`.
+    """
+
+    def __init__(self, chunks: tf.data.Dataset, num_examples: int) -> None:
+        if not isinstance(chunks, tf.data.Dataset):
+            raise TypeError(f"ChunkedExamples: `chunks` must be a tf.data.Dataset, got {type(chunks).__name__}.")
+        if isinstance(num_examples, bool) or not isinstance(num_examples, numbers.Integral) or num_examples < 0:
+            raise ValueError(f"ChunkedExamples: `num_examples` must be an int >= 0, got {num_examples!r}.")
+        self.chunks = chunks
+        self.num_examples = int(num_examples)
+
+    @property
+    def element_spec(self) -> Any:
+        """The structure of one example, as `tf.data.Dataset.element_spec` gives it."""
+        return self.chunks.unbatch().element_spec
+
+    def cardinality(self) -> tf.Tensor:
+        """The number of examples as an int64 scalar tensor, as `tf.data.Dataset.cardinality()` returns it."""
+        return tf.constant(self.num_examples, tf.int64)
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def take(self, count: int) -> "ChunkedExamples":
+        """The first `count` examples (all of them if there are fewer), still in chunks.
+
+        The chunks are cut where `count` falls, not unbatched, and none after it is read.
+
+        Raises:
+            ValueError: `count` is not an int >= 0.
+        """
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
+            raise ValueError(f"ChunkedExamples.take: `count` must be an int >= 0, got {count!r}.")
+        count = min(int(count), self.num_examples)
+        if count == self.num_examples:
+            return self
+
+        def cut(seen: tf.Tensor, chunk: Example) -> tuple[tf.Tensor, tuple[tf.Tensor, Example]]:
+            size = _chunk_size(chunk)
+            keep = tf.clip_by_value(count - seen, 0, size)
+            return seen + size, (seen, tf.nest.map_structure(lambda column: column[:keep], chunk))
+
+        chunks = (
+            self.chunks.scan(tf.constant(0, tf.int64), cut)
+            .take_while(lambda seen, chunk: seen < count)  # stop at the first chunk after the cut
+            .map(lambda seen, chunk: chunk)
+        )
+        return ChunkedExamples(chunks, count)
+
+    def examples(self) -> tf.data.Dataset:
+        """The examples one by one, as a `tf.data.Dataset` of known cardinality: leaves the fast path.
+
+        For dataset operations `ChunkedExamples` does not offer; `make_pipeline` batches the result example by
+        example, an order of magnitude slower than it batches `ChunkedExamples`.
+        """
+        return self.chunks.unbatch().apply(tf.data.experimental.assert_cardinality(self.num_examples))
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for attributes the class lacks: say why a tf.data.Dataset method is missing.
+        if not name.startswith("_") and hasattr(tf.data.Dataset, name):
+            raise AttributeError(
+                f"ChunkedExamples has no `{name}`: a tf.data.Dataset operation would drop the chunks that "
+                "make_pipeline batches fast. Call `.examples()` for the per-example tf.data.Dataset (make_pipeline "
+                "then batches it one example at a time), or `make_pipeline` first and work on its batches."
+            )
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __repr__(self) -> str:
+        return f"ChunkedExamples(num_examples={self.num_examples}, element_spec={self.element_spec})"
+
+
+Examples = Union[ChunkedExamples, tf.data.Dataset]
+"""What `make_pipeline` batches: `ChunkedExamples` (fast), or any unbatched `tf.data.Dataset` (per example)."""
+
+
+def examples_from_chunks(chunks: tf.data.Dataset, num_examples: int) -> ChunkedExamples:
+    """The examples of `chunks`, a dataset of blocks of consecutive examples (any block sizes), kept in chunks.
 
     Args:
         chunks: Batched `(features, labels)` elements in time order.
-        num_examples: The total number of examples, which becomes the dataset's cardinality.
+        num_examples: The total number of examples, which becomes the examples' cardinality.
     """
-    examples = chunks.unbatch().apply(tf.data.experimental.assert_cardinality(num_examples))
-    _CHUNKS[examples] = chunks
-    return examples
+    return ChunkedExamples(chunks, num_examples)
 
 
 def _shuffle_within_windows(chunks: tf.data.Dataset, window: int, seed: int, epoch: tf.Tensor) -> tf.data.Dataset:
@@ -42,15 +128,14 @@ def _shuffle_within_windows(chunks: tf.data.Dataset, window: int, seed: int, epo
 
     def permute(block_index: tf.Tensor, block: Example) -> Example:
         key = tf.random.experimental.stateless_fold_in(tf.stack([tf.constant(seed, tf.int64), epoch]), block_index)
-        size = tf.shape(tf.nest.flatten(block)[0], out_type=tf.int64)[0]
-        order = tf.argsort(tf.random.stateless_uniform([size], seed=key))
+        order = tf.argsort(tf.random.stateless_uniform([_chunk_size(block)], seed=key))
         return tf.nest.map_structure(lambda column: tf.gather(column, order), block)
 
     return chunks.rebatch(window).enumerate().map(permute, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def make_pipeline(
-    dataset: tf.data.Dataset,
+    dataset: Examples,
     batch_size: int,
     shuffle_window: int = 0,
     seed: int = 0,
@@ -66,7 +151,9 @@ def make_pipeline(
     function of (seed, epoch, block): the same arguments give the same batches, and each epoch a new order.
 
     Args:
-        dataset: Unbatched `(features, labels)` examples in time order, e.g. `splits.train`.
+        dataset: `(features, labels)` examples in time order: `ChunkedExamples` such as `splits.train`, batched by
+            re-cutting its chunks, or any unbatched `tf.data.Dataset`, batched example by example (slower, the
+            same batches).
         batch_size: Examples per batch (>= 1).
         shuffle_window: Size of the blocks shuffled; 0 or 1 keeps the exact order.
         seed: Seed of the shuffle.
@@ -80,6 +167,7 @@ def make_pipeline(
 
     Raises:
         ValueError: `batch_size`, `shuffle_window` or `epochs` is out of range.
+        TypeError: `dataset` is neither `ChunkedExamples` nor a `tf.data.Dataset`.
     """
     if batch_size < 1:
         raise ValueError(f"make_pipeline: batch_size must be >= 1, got {batch_size}.")
@@ -87,9 +175,15 @@ def make_pipeline(
         raise ValueError(f"make_pipeline: shuffle_window must be >= 0 (0 keeps time order), got {shuffle_window}.")
     if epochs < 1:
         raise ValueError(f"make_pipeline: epochs must be >= 1, got {epochs}.")
-    chunks = _CHUNKS.get(dataset)
-    if chunks is None:
-        chunks = dataset.batch(batch_size)
+    if isinstance(dataset, ChunkedExamples):
+        chunks = dataset.chunks
+    elif isinstance(dataset, tf.data.Dataset):
+        chunks = dataset.batch(batch_size)  # the per-example cost chunks avoid, paid once
+    else:
+        raise TypeError(
+            f"make_pipeline: dataset must be ChunkedExamples or an unbatched tf.data.Dataset, got "
+            f"{type(dataset).__name__}."
+        )
 
     def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
         if shuffle_window <= 1:

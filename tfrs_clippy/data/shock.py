@@ -50,7 +50,7 @@ import tensorflow as tf
 from tfrs_clippy.data import ids as ids_module
 from tfrs_clippy.data import tables
 from tfrs_clippy.data.arguments import is_int, is_number, require
-from tfrs_clippy.data.pipeline import examples_from_chunks
+from tfrs_clippy.data.pipeline import ChunkedExamples, examples_from_chunks, make_pipeline
 from tfrs_clippy.data.spec import DatasetSpec, FeatureSpec, TaskSpec
 
 NAME = "shock_stream"
@@ -293,7 +293,7 @@ def shock_stream(
         inputs, labels, _ = draw(key, position, biases)
         return inputs, labels
 
-    def blocks(stream: int, count: int, first_position: int) -> tf.data.Dataset:
+    def blocks(stream: int, count: int, first_position: int) -> ChunkedExamples:
         """`count` examples of random stream `stream` (1 train, 2 held out), at positions from `first_position`.
 
         Held-out positions wrap around inside the last day, so the slice has the last day's distribution.
@@ -312,7 +312,7 @@ def shock_stream(
         return examples_from_chunks(chunks, count)
 
     num_train = num_days * examples_per_day
-    prior_labels = next(iter(blocks(1, num_prior, 0).batch(num_prior)))[1]
+    prior_labels = next(iter(make_pipeline(blocks(1, num_prior, 0), num_prior, prefetch=False)))[1]
 
     def prior(name: str) -> float:
         labels = prior_labels[name].numpy().astype(np.float64)

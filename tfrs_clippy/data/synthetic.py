@@ -31,7 +31,7 @@ import tensorflow as tf
 from tfrs_clippy.data import ids as ids_module
 from tfrs_clippy.data import tables
 from tfrs_clippy.data.arguments import is_int, is_number, require
-from tfrs_clippy.data.pipeline import examples_from_chunks
+from tfrs_clippy.data.pipeline import ChunkedExamples, examples_from_chunks
 from tfrs_clippy.data.spec import DatasetSpec, FeatureSpec, TaskSpec, with_training_label_means
 
 NAME = "synthetic"
@@ -199,7 +199,7 @@ def synthetic(
             ).spec.tasks
     spec = dataclasses.replace(spec, tasks=prior_tasks)
 
-    def stream(start: int, stop: int) -> tf.data.Dataset:
+    def stream(start: int, stop: int) -> ChunkedExamples:
         """Examples [start, stop) of the stream, generated chunk by chunk; the end chunks are cut to the range."""
 
         def chunk_in_range(chunk_index: tf.Tensor) -> tuple[dict[str, tf.Tensor], dict[str, tf.Tensor]]:

@@ -17,7 +17,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
-from tfrs_clippy.data.pipeline import examples_from_chunks
+from tfrs_clippy.data.pipeline import ChunkedExamples, examples_from_chunks
 from tfrs_clippy.data.spec import DatasetSpec, FeatureSpec
 
 OOV_TOKEN = "[OOV]"
@@ -203,7 +203,10 @@ def numeric_spec(name: str, train_values: np.ndarray) -> FeatureSpec:
 
 @dataclasses.dataclass(frozen=True)
 class Splits:
-    """A dataset's splits: unbatched `tf.data.Dataset`s of `(features, labels)` dictionaries in time order.
+    """A dataset's splits: unbatched `(features, labels)` dictionaries in time order, as `ChunkedExamples`.
+
+    `make_pipeline` batches a split by re-cutting its chunks; `split.take(n)` keeps them, and `split.examples()` is
+    the per-example `tf.data.Dataset` for any other dataset operation (batched per example, slower).
 
     Attributes:
         name: The dataset's name.
@@ -218,17 +221,17 @@ class Splits:
 
     name: str
     spec: DatasetSpec
-    train: tf.data.Dataset
-    test: tf.data.Dataset
-    validation: tf.data.Dataset | None
+    train: ChunkedExamples
+    test: ChunkedExamples
+    validation: ChunkedExamples | None
     sizes: Mapping[str, int]
     vocabularies: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
 
 def tensor_dataset(
     features: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray], spec: DatasetSpec
-) -> tf.data.Dataset:
-    """An unbatched dataset of `(features, labels)` from column arrays, in row order.
+) -> ChunkedExamples:
+    """The examples `(features, labels)` of column arrays, in row order.
 
     Casts to the spec's conventions: int64 ids, float32 numeric vectors of shape [dim], float32 scalar labels.
     The columns form a single chunk, so `make_pipeline` batches them by slicing.

@@ -94,12 +94,30 @@ class ClippingFactorLogger(_callback.PeriodicCallback):
 
 
 def plot_clipping_factors(record: ClippingFactorRecord, path: str, title: str = "Clipping factors") -> str:
-    """Plots each variable's factor over steps, one panel per layer, to a PNG at `path`; returns `path`."""
+    """Plots each variable's factor over steps, one panel per layer, to a PNG at `path`; returns `path`.
+
+    A record with steps but no variable (e.g. every one filtered out, as `reporting` drops embedding tables) gives
+    a single empty panel over its steps that says so, rather than no file.
+
+    Raises:
+        ValueError: `record` has no steps.
+    """
     _plotting.require_steps(record.steps)
     by_layer: Dict[str, List[str]] = collections.defaultdict(list)
     for name in record.factors:
         by_layer[layer_of(name)].append(name)
     pyplot = _plotting.pyplot()
+    if not by_layer:
+        figure, axis = pyplot.subplots(figsize=(4.5, 3))
+        first, last = min(record.steps), max(record.steps)
+        axis.set_xlim(first, max(last, first + 1))  # one step alone would be an empty x range
+        axis.set_ylim(-0.05, 1.05)
+        axis.text(0.5, 0.5, "no variable's clipping factor in the record", ha="center", va="center",
+                  transform=axis.transAxes, fontsize=9)
+        axis.set_xlabel("step")
+        axis.set_ylabel("clipping factor")
+        figure.suptitle(title)
+        return _plotting.save_png(figure, path)
     columns = min(3, len(by_layer))
     rows = math.ceil(len(by_layer) / columns)
     figure, axes = pyplot.subplots(rows, columns, figsize=(4.5 * columns, 3 * rows), squeeze=False, sharey=True)

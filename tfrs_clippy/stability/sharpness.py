@@ -11,6 +11,7 @@ products (back-over-back automatic differentiation: two nested `tf.GradientTape`
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -22,6 +23,8 @@ from tfrs_clippy.stability import _callback, _plotting
 
 Vectors = List[tf.Tensor]
 """One tensor per variable: a vector in parameter space."""
+
+_LOGGER = logging.getLogger(__name__)
 
 
 def hessian_vector_product(loss_fn: Callable[[], tf.Tensor], variables: Sequence[Any], vectors: Vectors) -> Vectors:
@@ -140,43 +143,87 @@ def largest_hessian_eigenvalue(
     return power_iteration(matvec, shapes, max_iterations, tolerance, seed)
 
 
-# Keras's own Adagrads do not expose the accumulator; these lookups mirror each optimizer's own `update_step`.
+def _optimizer_kind(optimizer: Any) -> str:
+    return f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
+
+
+def _has_accumulator_method(optimizer: Any) -> bool:
+    # tfrs_clippy's Adagrad family (ClippyAdagrad and the baselines) exposes `accumulator(variable)`; its Adam
+    # family, Keras's optimizers and the legacy tf_keras ones do not.
+    return callable(getattr(optimizer, "accumulator", None))
+
+
+def preconditioner_unavailable_reason(optimizer: Any) -> Optional[str]:
+    """Why `adagrad_preconditioner` cannot read `optimizer`, or None when it can.
+
+    It can read an optimizer with a public `accumulator(variable)` method and an `epsilon` (tfrs_clippy's Adagrad
+    family: ClippyAdagrad and the baselines), and Keras's own Adagrad of this runtime once built. Nothing else:
+    SGD, any Adam (Keras's, tf_keras's legacy one, tfrs_clippy's Adam family), and
+    `tf_keras.optimizers.legacy.Adagrad`, whose kernel divides by sqrt(G) + epsilon, not sqrt(G + epsilon).
+    """
+    kind = _optimizer_kind(optimizer)
+    if _has_accumulator_method(optimizer):
+        if not hasattr(optimizer, "epsilon"):
+            return f"`optimizer` {kind} has `accumulator(variable)` but no `epsilon` to form P = sqrt(G + epsilon)"
+        return None
+    if isinstance(optimizer, keras.optimizers.Adagrad):
+        if getattr(optimizer, "_accumulators", None):  # created by `build`, at the first step
+            return None
+        return f"`optimizer` {kind} is Keras's Adagrad but not built yet (its accumulators come with the first step)"
+    return (
+        f"`optimizer` {kind} exposes no Adagrad accumulator (neither a public `accumulator(variable)` method, as "
+        "tfrs_clippy's Adagrad optimizers have, nor Keras's own Adagrad)"
+    )
+
+
+def has_adagrad_accumulators(optimizer: Any) -> bool:
+    """Whether `optimizer` is an Adagrad-type optimizer `adagrad_preconditioner` can read (see its reasons)."""
+    return preconditioner_unavailable_reason(optimizer) is None
+
+
+# Keras's own Adagrads do not expose the accumulator; these lookups mirror each runtime's `update_step`.
 # pylint: disable=protected-access
 def _accumulator(optimizer: Any, variable: Any) -> Any:
-    """The accumulator G of `variable` in tfrs_clippy's scaled Adagrads, Keras 3 Adagrad or tf_keras Adagrad."""
-    if hasattr(optimizer, "accumulator"):  # tfrs_clippy: ClippyAdagrad and the baselines
+    """The accumulator G of `variable` in tfrs_clippy's Adagrad family, Keras 3 Adagrad or tf_keras Adagrad."""
+    if _has_accumulator_method(optimizer):
         return optimizer.accumulator(variable)
     if hasattr(optimizer, "_get_variable_index"):  # Keras 3
         return optimizer._accumulators[optimizer._get_variable_index(variable)]
     return optimizer._accumulators[optimizer._index_dict[optimizer._var_key(variable)]]
-
-
-def has_adagrad_accumulators(optimizer: Any) -> bool:
-    """Whether `optimizer` is a built Adagrad-type optimizer `adagrad_preconditioner` can read."""
-    built = bool(getattr(optimizer, "_slots", None)) or bool(getattr(optimizer, "_accumulators", None))
-    return built and hasattr(optimizer, "epsilon")
 # pylint: enable=protected-access
 
 
 def adagrad_preconditioner(optimizer: Any, variables: Sequence[Any]) -> Vectors:
     """P = sqrt(G + epsilon) for each variable, G its accumulator: the denominator of the next Adagrad step.
 
-    That is the denominator of tfrs_clippy's optimizers (ClippyAdagrad and the baselines, read through their
-    `accumulator(variable)` and `epsilon`), of Keras 3's `keras.optimizers.Adagrad` and of tf_keras's
+    That is the denominator of tfrs_clippy's Adagrad optimizers (ClippyAdagrad and the baselines, read through
+    their public `accumulator(variable)` and `epsilon`), of Keras 3's `keras.optimizers.Adagrad` and of tf_keras's
     `tf_keras.optimizers.Adagrad`. It is not that of TensorFlow's `ApplyAdagradV2` kernel, used by
-    `tf_keras.optimizers.legacy.Adagrad`, which divides by sqrt(G) + epsilon (and whose accumulators this cannot
-    read). P is taken as it is now, i.e. with G including the gradients of the steps so far: the next step also
-    adds its own squared gradient to G before dividing, which only makes its denominator larger.
+    `tf_keras.optimizers.legacy.Adagrad`, which divides by sqrt(G) + epsilon (so that one is not read; see
+    `preconditioner_unavailable_reason`). P is taken as it is now, i.e. with G including the gradients of the
+    steps so far: the next step also adds its own squared gradient to G before dividing, which only makes its
+    denominator larger.
 
     Raises:
-        ValueError: if the optimizer has no (built) Adagrad accumulators.
+        ValueError: The optimizer has no readable Adagrad accumulators (the message says why), or none for one of
+            `variables` (it was not built with it).
     """
-    if not has_adagrad_accumulators(optimizer):
-        raise ValueError(f"`optimizer` {optimizer!r} has no Adagrad accumulators (is it built, is it Adagrad?).")
-    return [
-        tf.sqrt(tf.cast(tf.convert_to_tensor(_accumulator(optimizer, v)), v.dtype) + optimizer.epsilon)
-        for v in variables
-    ]
+    reason = preconditioner_unavailable_reason(optimizer)
+    if reason is not None:
+        raise ValueError(f"No Adagrad preconditioner: {reason}.")
+    preconditioner = []
+    for variable in variables:
+        try:
+            accumulator = _accumulator(optimizer, variable)
+        except (LookupError, AttributeError) as error:
+            # An optimizer not built yet, or built without this variable, has no accumulator to look up.
+            raise ValueError(
+                f"No Adagrad preconditioner: `optimizer` {_optimizer_kind(optimizer)} has no accumulator for "
+                f"variable {getattr(variable, 'name', variable)!r} ({type(error).__name__}: {error}); is it built "
+                "with the model's variables?"
+            ) from error
+        preconditioner.append(tf.sqrt(tf.cast(tf.convert_to_tensor(accumulator), variable.dtype) + optimizer.epsilon))
+    return preconditioner
 
 
 def current_learning_rate(optimizer: Any) -> float:
@@ -214,6 +261,8 @@ class SharpnessMonitor(_callback.PeriodicCallback):
 
     Results go to `record`, to the batch logs of the measured step and the epoch logs (`sharpness`,
     `preconditioned_sharpness`, `sharpness_threshold`, the latest values), and with `log_dir` to TensorBoard.
+    Where the preconditioned sharpness is not measured it is NaN, and `preconditioned_skipped` says why (e.g. an
+    optimizer without Adagrad accumulators, such as Adam); the first such skip is also logged as a warning.
 
     Args:
         batch: The fixed batch: (x, y) without `loss_fn`, any nested structure of tensors `loss_fn` takes with it;
@@ -223,8 +272,9 @@ class SharpnessMonitor(_callback.PeriodicCallback):
             Not with `loss_fn`.
         loss_fn: `loss_fn(model, batch) -> scalar tensor`, the whole training loss on `batch`, computed from the
             model's variables.
-        preconditioned: Also measure the preconditioned sharpness: None when the optimizer has Adagrad
-            accumulators, True always (error otherwise), False never.
+        preconditioned: Also measure the preconditioned sharpness: None when the optimizer exposes Adagrad
+            accumulators (`preconditioner_unavailable_reason`; otherwise skipped, see `preconditioned_skipped`),
+            True always (a ValueError saying why if it cannot), False never.
         max_iterations: Power-iteration budget per measurement.
         tolerance: Relative tolerance of power iteration.
         max_batch_size: Use only the first this many examples of `batch`.
@@ -265,6 +315,8 @@ class SharpnessMonitor(_callback.PeriodicCallback):
         self.tolerance = tolerance
         self.seed = seed
         self.record = SharpnessRecord()
+        self.preconditioned_skipped: Optional[str] = None
+        """Why the last measurement has no preconditioned sharpness (NaN); None when it has one."""
         self._loss_object: Optional[Callable[[Any, Any], tf.Tensor]] = None
 
     def on_train_begin(self, logs: Optional[Dict[str, Any]] = None) -> None:
@@ -305,13 +357,22 @@ class SharpnessMonitor(_callback.PeriodicCallback):
         bounds = dict(max_iterations=self.max_iterations, tolerance=self.tolerance, seed=self.seed)
         sharpness = largest_hessian_eigenvalue(self._training_loss, variables, **bounds).eigenvalue
         optimizer = self.model.optimizer
-        preconditioned = has_adagrad_accumulators(optimizer) if self.preconditioned is None else self.preconditioned
         preconditioned_sharpness = math.nan
-        if preconditioned:
-            preconditioner = adagrad_preconditioner(optimizer, variables)
+        preconditioner, skipped = None, "`preconditioned` is False"
+        if self.preconditioned is not False:
+            try:
+                preconditioner, skipped = adagrad_preconditioner(optimizer, variables), None
+            except ValueError as error:
+                if self.preconditioned:
+                    raise
+                skipped = str(error)
+        if preconditioner is not None:
             preconditioned_sharpness = largest_hessian_eigenvalue(
                 self._training_loss, variables, preconditioner, **bounds
             ).eigenvalue
+        if skipped is not None and self.preconditioned is None and self.preconditioned_skipped is None:
+            _LOGGER.warning("SharpnessMonitor measures no preconditioned sharpness (NaN). %s", skipped)
+        self.preconditioned_skipped = skipped
         learning_rate = current_learning_rate(optimizer)
         return {
             "sharpness": sharpness,
