@@ -33,9 +33,10 @@ STRESS := TF_USE_LEGACY_KERAS=1 $(PY) scripts/stress.py
 demo: install
 	$(STRESS) --seeds 3 $(DEMO_ARGS)
 
-# The full stress protocol, as committed in docs/stress/ (about 2 h on 2 cores): the 1x sweep, the baselines'
+# The full stress protocol, as committed in docs/stress/ (about 3 h on 2 cores): the 1x sweep, the baselines'
 # tuning on tuning seeds, then on 5 evaluation seeds the comparison (with its learning-rate sensitivity) on
-# every shock, the rollback stage, the ablation, and the sharpness around the shock.
+# every shock, the rollback stage, the ablation, and the sharpness around the shock; then the same comparison on
+# Adam (its own 1x and tuning; ClippyAdam with and without StableAdamW's test), in docs/stress/adam.
 STRESS_FULL := $(STRESS) --out docs/stress --runs-dir results/stress/runs
 stress: install
 	$(STRESS_FULL) --stage calibrate
@@ -46,6 +47,10 @@ stress: install
 	$(STRESS_FULL) --stage rollback --seeds 5 --lr-multipliers 0.5,1,2
 	$(STRESS_FULL) --stage ablation --seeds 5 --lr-multipliers 0.5 --no-control
 	$(STRESS_FULL) --stage sharpness --seeds 5 --methods naive,clippy --lr-multipliers 0.25,1
+	$(STRESS_FULL) --optimizer adam --stage calibrate
+	$(STRESS_FULL) --optimizer adam --stage tune --seeds 2 --lr-multipliers 0.2,0.5,1,2
+	$(STRESS_FULL) --optimizer adam --seeds 5 --lr-multipliers 0.2,1,2 \
+	  --methods adam,gc_adam,agc_adam,lamb_adam,clippy_adam,clippy_adam_rms
 
 # The paper's optimizer comparison on MovieLens-100K (results/ and PNG plots): the second, smaller result.
 reproduce: install
