@@ -18,7 +18,8 @@ import time
 from typing import Any, Optional, Sequence
 
 import reproduce  # scripts/ is on sys.path when this file runs
-from tfrs_clippy import reporting
+from experiments.records import write_json_atomically
+from experiments import paper_tables
 
 DEFAULT_LEARNING_RATES = "0.005,0.01,0.02,0.04,0.08,0.16,0.32"
 
@@ -88,14 +89,14 @@ def largest_stable(records: Sequence[dict[str, Any]], model: Optional[str] = Non
 def sweep_table(records: Sequence[dict[str, Any]], models: Sequence[str]) -> str:
     """Markdown: rows learning rate, one column per preset with mean AUC, final loss, spikes and verdict."""
     rates = sorted({record["config"]["learning_rate"] for record in records})
-    header = ["lr", *(reporting.MODEL_TITLES[model] for model in models)]
+    header = ["lr", *(paper_tables.MODEL_TITLES[model] for model in models)]
     rows = []
     for rate in rates:
         row = [f"{rate:g}"]
         for model in models:
             runs = [r for r in records if r["config"]["learning_rate"] == rate and r["config"]["model"] == model]
             diverged = sum(run["verdict"]["diverged"] for run in runs)
-            auc = sum(reporting.selection_score(run["metrics"]) for run in runs) / len(runs)
+            auc = sum(paper_tables.selection_score(run["metrics"]) for run in runs) / len(runs)
             final_loss = sum(run["losses"][-1] for run in runs) / len(runs)
             micro = sum(run["verdict"]["micro_divergences"] for run in runs)
             full = sum(run["verdict"]["full_divergences"] for run in runs)
@@ -127,12 +128,12 @@ def main(argv: Sequence[str]) -> int:
         f"wall time {reproduce.format_duration(time.perf_counter() - started)}",
         "",
         sweep_table(records, args.models),
-        *(f"- Largest stable rate, {reporting.MODEL_TITLES[m]}: {largest_stable(records, m)}" for m in args.models),
+        *(f"- Largest stable rate, {paper_tables.MODEL_TITLES[m]}: {largest_stable(records, m)}" for m in args.models),
         f"- Edge (largest rate stable on every preset): {edge}",
         f"- Onset (smallest rate that diverged on some preset): {diverging[0] if diverging else None}",
         "",
     ]
-    reporting.write_json_atomically(out / "sweep.json", [
+    write_json_atomically(out / "sweep.json", [
         {key: value for key, value in record.items() if key != "clipping_factors"} for record in records
     ])
     (out / "sweep.md").write_text("\n".join(lines), encoding="utf-8")

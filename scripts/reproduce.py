@@ -43,12 +43,20 @@ import numpy as np
 import tensorflow as tf
 
 import models
-from tfrs_clippy import reporting
+from experiments.records import (
+    config_key,
+    format_duration,
+    format_multiplier,
+    metric_names,
+    read_json,
+    write_json_atomically,
+)
+from experiments import paper_tables
 from tfrs_clippy.data import ChunkedExamples, Splits, census_income, make_pipeline, movielens_100k, synthetic
 from tfrs_clippy.keras_runtime import LEGACY_KERAS, keras
 from tfrs_clippy.optimizers import PAPER_GRIDS, LinearWarmup, build_optimizer
 from tfrs_clippy.optimizers.variable_names import matches_any
-from tfrs_clippy.stability import ClippingFactorLogger, DivergenceMonitor, RollbackOnDivergence
+from tfrs_clippy.stability import ClippingFactorLogger, DivergenceMonitor, RollbackOnDivergence, classify_run
 
 RECORD_VERSION = 2
 """Part of every run's config, hence of its key: bump it when a change to this script changes results."""
@@ -199,7 +207,7 @@ def check_choices(flag: str, values: Sequence[str], choices: Sequence[str]) -> N
 
 def run_config(args: argparse.Namespace, model: str, method: str, hyperparameters: dict, multiplier: float,
                seed: int, warmup: int, rollback: bool = False) -> dict[str, Any]:
-    """The config of one run: everything its result depends on (its key is `reporting.config_key` of it).
+    """The config of one run: everything its result depends on (its key is `config_key` of it).
 
     `warmup` is the run's resolved warm-up steps (`warmup_steps`).
     """
@@ -281,7 +289,7 @@ def held_out(splits: Splits, eval_examples: int) -> ChunkedExamples:
 def constant_prediction_rmse(splits: Splits, eval_examples: int) -> dict[str, float]:
     """Per regression task, "<task>_rmse" of always predicting the task's training mean on the held-out data.
 
-    The reference against which `reporting.classify_run` judges a regression task dead.
+    The reference against which `classify_run` judges a regression task dead.
     """
     regression = [task for task in splits.spec.tasks if task.kind == "regression"]
 
@@ -327,16 +335,16 @@ def train_and_evaluate(config: dict[str, Any], splits: Splits, constant_rmse: di
     test = make_pipeline(held_out(splits, config["eval_examples"]), EVAL_BATCH_SIZE)
     evaluation = ranker.evaluate(test, return_dict=True, verbose=0)
     tasks = {task.name: task.kind for task in splits.spec.tasks}
-    metrics = {name: float(evaluation[name]) for name in reporting.metric_names(tasks)}
+    metrics = {name: float(evaluation[name]) for name in metric_names(tasks)}
     losses = list(monitor.record.losses)
     record: dict[str, Any] = {
-        "key": reporting.config_key(config),
+        "key": config_key(config),
         "config": config,
         "tasks": tasks,
         "metrics": metrics,
         "losses": losses,
         "constant_rmse": constant_rmse,
-        "verdict": reporting.classify_run(losses, metrics, constant_rmse=constant_rmse).to_dict(),
+        "verdict": classify_run(losses, metrics, constant_rmse=constant_rmse).to_dict(),
         "nonfinite_steps_skipped": int(optimizer.nonfinite_steps.numpy()),
         "seconds": time.perf_counter() - started,
     }
@@ -354,15 +362,9 @@ def describe(config: dict[str, Any]) -> str:
     """E.g. "large_dcn gc(threshold=0.01) lr=2x (0.04) seed=1" (+ " rollback")."""
     settings = ",".join(f"{name}={value:g}" for name, value in sorted(config["hyperparameters"].items()))
     method = f"{config['method']}({settings})" if settings and config["method"] != "clippy" else config["method"]
-    multiplier = reporting.format_multiplier(config["lr_multiplier"])
+    multiplier = format_multiplier(config["lr_multiplier"])
     text = f"{config['model']} {method} lr={multiplier} ({config['learning_rate']:g}) seed={config['seed']}"
     return text + (" rollback" if config["rollback"] else "")
-
-
-def format_duration(seconds: float) -> str:
-    """75 -> "1m15s"."""
-    minutes, seconds = divmod(int(round(seconds)), 60)
-    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
 def summarize_run(record: dict[str, Any]) -> str:
@@ -377,7 +379,7 @@ def run_all(configs: list[dict[str, Any]], splits: Splits, runs_dir: pathlib.Pat
     """Runs (or reads back) every config, printing a progress line per run; returns the records in config order."""
     # Every config of one command shares dataset and eval_examples, hence the reference.
     constant_rmse = constant_prediction_rmse(splits, configs[0]["eval_examples"])
-    keys = [reporting.config_key(config) for config in configs]
+    keys = [config_key(config) for config in configs]
     cached = {key for key in keys if (runs_dir / f"{key}.json").exists()}
     to_compute = sum(key not in cached for key in keys)
     started, computed, records = time.perf_counter(), 0, []
@@ -385,16 +387,16 @@ def run_all(configs: list[dict[str, Any]], splits: Splits, runs_dir: pathlib.Pat
         path = runs_dir / f"{key}.json"
         prefix = f"[run {index}/{len(configs)}] {describe(config)}"
         if key in cached:
-            record = reporting.read_json(path)
+            record = read_json(path)
             # The verdict is re-derived, so a change of the divergence rule needs no rerun.
             record["constant_rmse"] = constant_rmse
-            record["verdict"] = reporting.classify_run(
+            record["verdict"] = classify_run(
                 record["losses"], record["metrics"], constant_rmse=constant_rmse).to_dict()
             records.append(record)
             print(f"{prefix} ... cached: {summarize_run(record)}", flush=True)
             continue
         record = train_and_evaluate(config, splits, constant_rmse)
-        reporting.write_json_atomically(path, record)
+        write_json_atomically(path, record)
         records.append(record)
         computed += 1
         elapsed = time.perf_counter() - started
@@ -419,8 +421,8 @@ def write_reports(records: list[dict[str, Any]], args: argparse.Namespace, out: 
                   wall_seconds: float) -> list[pathlib.Path]:
     """Writes runs.json, summary.json, table.md and the plots; returns the paths written."""
     written = [
-        reporting.write_json_atomically(out / "runs.json", records),
-        reporting.write_json_atomically(
+        write_json_atomically(out / "runs.json", records),
+        write_json_atomically(
             out / "summary.json",
             [{key: value for key, value in record.items() if key not in ("losses", "clipping_factors")}
              for record in records],
@@ -435,7 +437,7 @@ def write_reports(records: list[dict[str, Any]], args: argparse.Namespace, out: 
         + (f", first {args.train_steps} steps only" if args.train_steps else ""),
         f"- Presets scaled by {args.scale:g} (every preset by the same factor, so the widths keep the paper's "
         f"Small : Large : Large+DCN ratios): {preset_widths(args.scale, MODELS)}",
-        f"- 1x learning rate {base:g}; multipliers {', '.join(map(reporting.format_multiplier, args.lr_multipliers))}; "
+        f"- 1x learning rate {base:g}; multipliers {', '.join(map(format_multiplier, args.lr_multipliers))}; "
         f"{args.seeds} seeds; grid '{args.grid}'",
         f"- Every method: linear learning-rate warm-up over the first {records[0]['config']['warmup_steps']} steps "
         f"(0: none); output biases '{args.output_bias}'",
@@ -447,19 +449,19 @@ def write_reports(records: list[dict[str, Any]], args: argparse.Namespace, out: 
         "",
         "## Table 2 (mean ± std over seeds at the best stable setting; AUC in %)",
         "",
-        reporting.paper_table(records),
+        paper_tables.paper_table(records),
         "## Every learning rate (mean AUC % · seeds diverged · micro-divergences)",
         "",
-        reporting.stability_table(records),
+        paper_tables.stability_table(records),
     ]
-    rollback = reporting.rollback_table(records)
+    rollback = paper_tables.rollback_table(records)
     if rollback:
         header += ["## Naive Adagrad with and without RollbackOnDivergence", "", rollback]
     written.append(out / "table.md")
     written[-1].write_text("\n".join(header), encoding="utf-8")
     top = args.lr_multipliers[-1]
     main_records = [record for record in records if not record["config"]["rollback"]]
-    written.append(pathlib.Path(reporting.plot_training_loss(
+    written.append(pathlib.Path(paper_tables.plot_training_loss(
         main_records, str(out / f"training_loss_{top:g}x.png"), top)))
     clippy_runs = [record for record in main_records
                    if record["config"]["method"] == "clippy" and record["config"]["lr_multiplier"] == top]
@@ -468,7 +470,7 @@ def write_reports(records: list[dict[str, Any]], args: argparse.Namespace, out: 
         shown = min(clippy_runs, key=lambda r: (-MODELS.index(r["config"]["model"]), r["config"]["seed"]))
         path = out / f"clipping_factors_{top:g}x.png"
         # The pattern drops the tables from records written before `clipped_factors` left them out.
-        written.append(pathlib.Path(reporting.plot_run_clipping_factors(shown, str(path), EMBEDDING_PATTERN)))
+        written.append(pathlib.Path(paper_tables.plot_run_clipping_factors(shown, str(path), EMBEDDING_PATTERN)))
     return written
 
 

@@ -137,7 +137,7 @@ def main(argv: List[str]) -> int:
             f"{score.worst_spike_ratio:>9.3g} {result.final_loss:>13.4g}"
         )
         results.append(result)
-    diverged = sum(result.score.diverged for result in results)
+    diverged = sum(result.score.had_full_divergence for result in results)
     finite = [result.final_loss for result in results if math.isfinite(result.final_loss)]
     print(
         f"diverged: {diverged}/{len(results)} seeds; micro-divergences: "

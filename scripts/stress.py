@@ -35,41 +35,42 @@ os.environ["TF_USE_LEGACY_KERAS"] = "1"  # the rankers are tfrs.Models: Keras 2 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import math  # noqa: E402
 import pathlib  # noqa: E402
 import platform  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from typing import Any, Iterator, Sequence  # noqa: E402
+from typing import Any, Sequence  # noqa: E402
 
+from experiments.records import (  # noqa: E402
+    commit,
+    config_key,
+    format_duration,
+    format_multiplier,
+    markdown,
+    metric_names,
+    read_json,
+    stderr_silenced,
+    write_json_atomically,
+)
 
-@contextlib.contextmanager
-def _stderr_silenced() -> Iterator[None]:
-    """Sends file descriptor 2 to /dev/null: TensorFlow's C++ start-up lines bypass every Python log setting."""
-    saved = os.dup(2)
-    with open(os.devnull, "w") as devnull:
-        os.dup2(devnull.fileno(), 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-with _stderr_silenced():
+with stderr_silenced():
     import numpy as np
     import tensorflow as tf
 
     import models
-    from tfrs_clippy import reporting
     from tfrs_clippy.data import make_pipeline, shock_stream
     from tfrs_clippy.data.shock import SHOCKS
     from tfrs_clippy.keras_runtime import keras
     from tfrs_clippy.optimizers import PAPER_GRIDS, LinearWarmup, ScaledAdagrad, build_optimizer
-    from tfrs_clippy.stability import AdagradStepLogger, DivergenceMonitor, RollbackOnDivergence, SharpnessMonitor
+    from tfrs_clippy.stability import (
+        AdagradStepLogger,
+        DivergenceMonitor,
+        RollbackOnDivergence,
+        SharpnessMonitor,
+        classify_run,
+    )
     from tfrs_clippy.stability import _plotting
 
 REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
@@ -78,6 +79,7 @@ RECORD_VERSION = 2
 """Part of every run's config, hence of its key: bump it when a change to this script changes results."""
 
 STAGES = ("evaluate", "calibrate", "tune", "rollback", "ablation", "sharpness")
+
 
 @dataclasses.dataclass(frozen=True)
 class Family:
@@ -168,7 +170,7 @@ SHARPNESS = {"every_n_steps": 25, "max_batch_size": 256, "max_iterations": 20}
 def run_config(method: str, multiplier: float, base_learning_rate: float, shock: str, seed: int,
                hyperparameters: dict | None = None, variant: str = "base", rollback: bool = False,
                sharpness: bool = False) -> dict[str, Any]:
-    """Everything a run's result depends on (its key is `reporting.config_key` of it)."""
+    """Everything a run's result depends on (its key is `config_key` of it)."""
     return {
         "version": RECORD_VERSION,
         "shock": shock,
@@ -190,10 +192,10 @@ def tuned_hyperparameters(tuning: dict, method: str, multiplier: float) -> dict:
         return dict(VARIANTS[method][1])
     if method not in TUNED_METHODS:
         return dict(PAPER_GRIDS[method][0])
-    chosen = tuning.get(method, {}).get(reporting.format_multiplier(multiplier))
+    chosen = tuning.get(method, {}).get(format_multiplier(multiplier))
     if chosen is None:
         raise ValueError(
-            f"--tuning has no tuned setting for {method} at {reporting.format_multiplier(multiplier)}: run "
+            f"--tuning has no tuned setting for {method} at {format_multiplier(multiplier)}: run "
             f"`scripts/stress.py --stage tune --lr-multipliers {multiplier:g}` (with the same --optimizer) first."
         )
     return chosen
@@ -325,17 +327,17 @@ def train_run(config: dict[str, Any], cache: StreamCache) -> dict[str, Any]:
     ranker.fit(train, epochs=1, verbose=0, callbacks=callbacks)
     evaluation = ranker.evaluate(tf.data.Dataset.from_tensors(test), return_dict=True, verbose=0)
     tasks = {task.name: task.kind for task in spec.tasks}
-    metrics = {name: float(evaluation[name]) for name in reporting.metric_names(tasks)}
+    metrics = {name: float(evaluation[name]) for name in metric_names(tasks)}
     held_out_features, held_out_labels = test
     constant_rmse = {
         f"{task.name}_rmse": float(np.sqrt(np.mean((held_out_labels[task.name].numpy() - task.label_mean) ** 2)))
         for task in spec.tasks if task.kind == "regression"
     }
     losses = [float(loss) for loss in monitor.record.losses]
-    verdict = reporting.classify_run(losses, metrics, constant_rmse=constant_rmse)
+    verdict = classify_run(losses, metrics, constant_rmse=constant_rmse)
     finite = [loss if math.isfinite(loss) else math.inf for loss in losses]
     record = {
-        "key": reporting.config_key(config),
+        "key": config_key(config),
         "config": config,
         "tasks": tasks,
         "metrics": metrics,
@@ -370,17 +372,13 @@ def describe(config: dict[str, Any]) -> str:
     settings = ",".join(f"{name}={value:g}" for name, value in sorted(config["hyperparameters"].items()))
     shown = settings and config["method"] in TUNED_METHODS
     method = f"{config['method']}({settings})" if shown else config["method"]
-    text = (f"{config['shock']} {method} lr={reporting.format_multiplier(config['lr_multiplier'])} "
+    text = (f"{config['shock']} {method} lr={format_multiplier(config['lr_multiplier'])} "
             f"({config['learning_rate']:g}) seed={config['seed']}")
     if config["variant"] != "base":
         text += f" [{config['variant']}]"
     return text + (" rollback" if config["rollback"] else "")
 
 
-def format_duration(seconds: float) -> str:
-    """75 -> "1m15s"."""
-    minutes, seconds = divmod(int(round(seconds)), 60)
-    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
 def outcome(record: dict[str, Any]) -> str:
@@ -394,18 +392,18 @@ def outcome(record: dict[str, Any]) -> str:
 def run_all(configs: list[dict[str, Any]], runs_dir: pathlib.Path) -> list[dict[str, Any]]:
     """Runs (or reads back) every config with a progress line each; returns the records in config order."""
     runs_dir.mkdir(parents=True, exist_ok=True)
-    keys = [reporting.config_key(config) for config in configs]
+    keys = [config_key(config) for config in configs]
     to_compute = sum(not (runs_dir / f"{key}.json").exists() for key in keys)
     cache, started, computed, records = StreamCache(), time.perf_counter(), 0, []
     for index, (config, key) in enumerate(zip(configs, keys), start=1):
         path = runs_dir / f"{key}.json"
         prefix = f"[run {index}/{len(configs)}] {describe(config)}"
         if path.exists():
-            record = reporting.read_json(path)
+            record = read_json(path)
             print(f"{prefix} ... cached: {outcome(record)}", flush=True)
         else:
             record = train_run(config, cache)
-            reporting.write_json_atomically(path, record)
+            write_json_atomically(path, record)
             computed += 1
             elapsed = time.perf_counter() - started
             remaining = elapsed / computed * (to_compute - computed)
@@ -445,9 +443,6 @@ def group(records: Sequence[dict[str, Any]], *fields: str) -> dict[tuple, list[d
     return groups
 
 
-def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
 def mean_std(values: Sequence[float], digits: int = 3) -> str:
@@ -492,7 +487,7 @@ def comparison_table(records: Sequence[dict[str, Any]]) -> str:
             if not runs:
                 continue
             if row is None:
-                row = [setting_text(runs), reporting.format_multiplier(float(multiplier))]
+                row = [setting_text(runs), format_multiplier(float(multiplier))]
             row += [diverged_text(runs),
                     f"{np.mean([run['micro_after_shock'] for run in runs]):.1f}",
                     ratio_text([run["peak_loss_ratio"] for run in runs]),
@@ -519,7 +514,7 @@ def plot_losses(records: Sequence[dict[str, Any]], path: pathlib.Path, multiplie
     axes.set_yscale("log")
     axes.set_xlabel("step")
     axes.set_ylabel("training loss (median over seeds)")
-    axes.set_title(f"Loss around the shock, lr {reporting.format_multiplier(multiplier)}")
+    axes.set_title(f"Loss around the shock, lr {format_multiplier(multiplier)}")
     axes.legend(fontsize=7)
     return _plotting.save_png(figure, str(path))
 
@@ -550,7 +545,7 @@ def plot_shock_layers(records: Sequence[dict[str, Any]], path: pathlib.Path, mul
         axis.set_yscale("log")
         axis.set_title(f"{title} at step {step}")
     axes[0].legend(fontsize=7)
-    figure.suptitle(f"Per layer at the shock ({shock}), lr {reporting.format_multiplier(multiplier)}, "
+    figure.suptitle(f"Per layer at the shock ({shock}), lr {format_multiplier(multiplier)}, "
                     f"seed {runs[0]['config']['seed']}")
     figure.tight_layout()
     return _plotting.save_png(figure, str(path))
@@ -568,7 +563,7 @@ def plot_clippy_factors(records: Sequence[dict[str, Any]], path: pathlib.Path, m
     axes.set_yscale("log")
     axes.set_xlabel("step")
     axes.set_ylabel("clipping factor")
-    axes.set_title(f"Clippy's factors by layer, {shock}, lr {reporting.format_multiplier(multiplier)}, "
+    axes.set_title(f"Clippy's factors by layer, {shock}, lr {format_multiplier(multiplier)}, "
                    f"seed {run['config']['seed']}")
     axes.legend(fontsize=7)
     return _plotting.save_png(figure, str(path))
@@ -601,7 +596,7 @@ def tuning_report(records: Sequence[dict[str, Any]]) -> tuple[str, dict[str, Any
         points = group(runs, "hyperparameters")
         scores = {key: float(np.mean([mean_auc(run) for run in point])) for key, point in points.items()}
         best = max(scores, key=scores.get)
-        label = reporting.format_multiplier(float(multiplier))
+        label = format_multiplier(float(multiplier))
         chosen.setdefault(method, {})[label] = points[best][0]["config"]["hyperparameters"]
         for key, point in points.items():
             rows.append([method, label, setting_text(point), f"{sum(run['diverged'] for run in point)}/{len(point)}",
@@ -612,7 +607,7 @@ def tuning_report(records: Sequence[dict[str, Any]]) -> tuple[str, dict[str, Any
 def rollback_table(records: Sequence[dict[str, Any]]) -> str:
     rows = []
     for (multiplier, rollback), runs in group(records, "lr_multiplier", "rollback").items():
-        rows.append([reporting.format_multiplier(float(multiplier)), "yes" if rollback != "None" else "no",
+        rows.append([format_multiplier(float(multiplier)), "yes" if rollback != "None" else "no",
                      diverged_text(runs),
                      f"{np.mean([run['rollbacks'] or 0 for run in runs]):.1f}",
                      f"{np.mean([run.get('steps_undone') or 0 for run in runs]):.0f}",
@@ -627,7 +622,7 @@ def rollback_table(records: Sequence[dict[str, Any]]) -> str:
 def ablation_table(records: Sequence[dict[str, Any]]) -> str:
     rows = []
     for (variant, shock, multiplier), runs in group(records, "variant", "shock", "lr_multiplier").items():
-        rows.append([variant, shock, reporting.format_multiplier(float(multiplier)),
+        rows.append([variant, shock, format_multiplier(float(multiplier)),
                      diverged_text(runs),
                      ratio_text([run["peak_loss_ratio"] for run in runs]),
                      f"{100 * np.mean([run['dead_unit_fraction'] for run in runs]):.0f}%",
@@ -644,7 +639,7 @@ def sharpness_table(records: Sequence[dict[str, Any]]) -> str:
     for record in records:
         measured = record["sharpness"]
         index = {int(step): i for i, step in enumerate(measured["steps"])}
-        rows.append([setting_text([record]), reporting.format_multiplier(record["config"]["lr_multiplier"]),
+        rows.append([setting_text([record]), format_multiplier(record["config"]["lr_multiplier"]),
                      str(record["config"]["seed"]), f"{measured['stability_threshold'][index[shown[0]]]:.3g}",
                      *(f"{measured['preconditioned_sharpness'][index[step]]:.3g}" for step in shown if step in index),
                      "yes" if record["diverged"] else "no"])
@@ -657,7 +652,7 @@ def plot_sharpness_runs(records: Sequence[dict[str, Any]], path: pathlib.Path) -
     figure, axes = _plotting.pyplot().subplots(figsize=(8, 4.5))
     for record in records:
         measured = record["sharpness"]
-        label = f"{setting_text([record])} {reporting.format_multiplier(record['config']['lr_multiplier'])} " \
+        label = f"{setting_text([record])} {format_multiplier(record['config']['lr_multiplier'])} " \
                 f"seed {record['config']['seed']}"
         line, = axes.plot(measured["steps"], measured["preconditioned_sharpness"], marker=".", label=label)
         axes.plot(measured["steps"], measured["stability_threshold"], linestyle="--", color=line.get_color(),
@@ -770,21 +765,15 @@ def base_learning_rate(args: argparse.Namespace) -> float:
     if not calibration.exists():
         raise SystemExit(f"No {calibration}: run `scripts/stress.py --optimizer {args.optimizer} --stage calibrate` "
                          "or pass --base-learning-rate.")
-    return float(reporting.read_json(calibration)["base_learning_rate"])
+    return float(read_json(calibration)["base_learning_rate"])
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPOSITORY, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def write_reports(args: argparse.Namespace, records: list[dict[str, Any]], out: pathlib.Path, base: float,
                   seconds: float) -> str:
     """Writes summary.json, table.md and the stage's plots and JSON; returns the Markdown report."""
-    reporting.write_json_atomically(out / "summary.json", [summary_entry(record) for record in records])
+    write_json_atomically(out / "summary.json", [summary_entry(record) for record in records])
     command = "scripts/stress.py " + " ".join(sys.argv[1:])
     rates = "absolute learning rates" if args.stage == "calibrate" else f"1x = {base:g}"
     lines = [f"Generated by `TF_USE_LEGACY_KERAS=1 python {command}` at commit {commit()}: "
@@ -798,7 +787,7 @@ def write_reports(args: argparse.Namespace, records: list[dict[str, Any]], out: 
         if len(args.lr_multipliers) > 2:
             plot_sensitivity(records, out / "sensitivity.png")
         for multiplier in args.lr_multipliers:
-            label = reporting.format_multiplier(multiplier)
+            label = format_multiplier(multiplier)
             plot_losses(records, out / f"loss_{label}.png", multiplier, args.shock)
             if args.shock != "none" and args.optimizer == "adagrad":  # Adam runs log no per-layer Adagrad steps
                 plot_shock_layers(records, out / f"layers_at_shock_{label}.png", multiplier, args.shock)
@@ -808,11 +797,11 @@ def write_reports(args: argparse.Namespace, records: list[dict[str, Any]], out: 
         table, result = calibration_report(records)
         lines.append(table)
         lines += ["", f"1x = {result['base_learning_rate']} ({result['rule']})."]
-        reporting.write_json_atomically(out / "calibration.json", result)
+        write_json_atomically(out / "calibration.json", result)
     elif args.stage == "tune":
         table, chosen = tuning_report(records)
         lines.append(table)
-        reporting.write_json_atomically(out / "tuning.json", chosen)
+        write_json_atomically(out / "tuning.json", chosen)
     elif args.stage == "rollback":
         lines.append(rollback_table(records))
     elif args.stage == "ablation":
@@ -832,7 +821,7 @@ def main(argv: Sequence[str]) -> int:
     if args.stage != "calibrate":  # the calibration sweep always runs on the control stream
         out = out / args.shock
     base = base_learning_rate(args)
-    tuning = reporting.read_json(args.tuning) if pathlib.Path(args.tuning).exists() else {}
+    tuning = read_json(args.tuning) if pathlib.Path(args.tuning).exists() else {}
     try:
         configs = plan(args, base, tuning)
     except ValueError as error:

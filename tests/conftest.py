@@ -7,10 +7,12 @@ Tests marked `keras2_only` / `keras3_only` are deselected, not skipped, in the o
 
 import os
 import pathlib
-
-import pytest
+import sys
 
 LEGACY_KERAS = os.environ.get("TF_USE_LEGACY_KERAS", None) in ("true", "True", "1")
+# The scripts' shared package (`experiments`) as the scripts see it: `python scripts/x.py` puts scripts/ first.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
+
 _KERAS2_ONLY_DIRS = ("models",)
 
 

@@ -31,7 +31,7 @@ def test_spike_that_recovers_is_one_micro_divergence():
     assert score.events_per_1000_steps == pytest.approx(2.5)
     assert score.fraction_steps_in_spike == pytest.approx(5 / 400)
     assert 15.0 < score.worst_spike_ratio < 35.0
-    assert not score.diverged
+    assert not score.had_full_divergence
 
 
 def test_single_step_spike_between_logging_points_is_detected():
@@ -52,7 +52,7 @@ def test_blow_up_without_recovery_is_full_divergence():
     # The loss doubles (1.05^15 = 2.08) about 15 steps in; full is declared recovery_steps after that.
     assert 110 <= full[0].start_step <= 120
     assert full[0].end_step == full[0].start_step + 30
-    assert record.instability_score().diverged
+    assert record.instability_score().had_full_divergence
 
 
 def test_nan_is_full_divergence_once_per_run_of_non_finite_losses():
@@ -151,10 +151,10 @@ def test_rescued_event_is_not_a_divergence_of_the_run():
     losses = list(_noisy_decreasing_loss(100))
     losses[50] = math.nan
     record = detect_divergence(losses)
-    assert record.instability_score().diverged
+    assert record.instability_score().had_full_divergence
     assert record.rescue_last_event().kind == "rescued"
     score = record.instability_score()
-    assert (score.full_divergences, score.rescued_divergences, score.diverged) == (0, 1, False)
+    assert (score.full_divergences, score.rescued_divergences, score.had_full_divergence) == (0, 1, False)
     assert score.events_per_1000_steps == pytest.approx(10.0)  # the instability still counts as an event
 
 

@@ -98,7 +98,7 @@ def test_nan_rolls_back_from_disk_with_a_lower_learning_rate(tmp_path):
     # Both NaN steps were undone: rescued, not a divergence of the run.
     assert [(e.kind, e.reason) for e in rollback.events] == [("rescued", "non_finite")] * 2
     score = rollback.record.instability_score()
-    assert (score.full_divergences, score.rescued_divergences, score.diverged) == (0, 2, False)
+    assert (score.full_divergences, score.rescued_divergences, score.had_full_divergence) == (0, 2, False)
     assert len(list(tmp_path.glob("*.npz"))) == 2
 
 

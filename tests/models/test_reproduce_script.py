@@ -81,7 +81,7 @@ def test_plan_has_every_combination_and_the_rollback_stage():
     # Grid sizes 1 (naive), 3 (GC, AGC, LAMB), 1 (Clippy): 11 settings x 3 presets x 2 multipliers x 3 seeds,
     # then naive at 2x with rollback on Large+DCN for 3 seeds.
     assert len(configs) == 11 * 3 * 2 * 3 + 3
-    assert len({reproduce.reporting.config_key(config) for config in configs}) == len(configs)
+    assert len({reproduce.config_key(config) for config in configs}) == len(configs)
     assert [c["learning_rate"] for c in configs[-3:]] == [0.16] * 3 and all(c["rollback"] for c in configs[-3:])
     assert len(reproduce.plan_runs(reproduce.parse_args([]), 80_000)) == 5 * 3 * 2 * 3 + 3
     # The production practices, recorded in every config: the default warm-up is 10% of 157 steps, rounded.
@@ -93,7 +93,7 @@ def test_warmup_and_output_bias_flags_change_the_config_and_its_key():
     default = reproduce.plan_runs(reproduce.parse_args([]), 80_000)[0]
     old = reproduce.plan_runs(reproduce.parse_args(["--warmup-steps", "0", "--output-bias", "zero"]), 80_000)[0]
     assert (old["warmup_steps"], old["output_bias"]) == (0, "zero")
-    assert reproduce.reporting.config_key(old) != reproduce.reporting.config_key(default)
+    assert reproduce.config_key(old) != reproduce.config_key(default)
     # With --train-steps the default warm-up is 10% of the shorter run.
     assert reproduce.plan_runs(reproduce.parse_args(["--train-steps", "12"]), 80_000)[0]["warmup_steps"] == 1
     for args, message in ((["--warmup-steps", "-1"], "--warmup-steps must be >= 0, got -1"),

@@ -1,6 +1,7 @@
 """Stability toolkit: measure, detect and survive loss divergence (Clippy paper, Tang et al. KDD 2023).
 
 - `DivergenceMonitor` / `detect_divergence`: micro and full divergence per step, and an `InstabilityScore`.
+- `classify_run`: the run-level verdict, whether a finished run diverged (`RunVerdict`).
 - `RollbackOnDivergence`: restore a snapshot from before a spike, skip batches, optionally lower the learning rate.
 - `SharpnessMonitor` / `largest_hessian_eigenvalue`: lambda_max of the Hessian (plain and Adagrad-preconditioned)
   against 2 / learning rate.
@@ -23,6 +24,7 @@ from tfrs_clippy.stability.monitor import (
     plot_divergence,
 )
 from tfrs_clippy.stability.over_clipping import OverClippingMonitor, OverClippingWarning
+from tfrs_clippy.stability.run_verdict import RunVerdict, VerdictConfig, classify_run, moving_average
 from tfrs_clippy.stability.rollback import RollbackEvent, RollbackOnDivergence, Snapshot
 from tfrs_clippy.stability.sharpness import (
     SharpnessMonitor,
@@ -49,15 +51,19 @@ __all__ = [
     "OverClippingWarning",
     "RollbackEvent",
     "RollbackOnDivergence",
+    "RunVerdict",
     "SharpnessMonitor",
     "SharpnessRecord",
     "Snapshot",
     "SpikeDetector",
+    "VerdictConfig",
     "adagrad_preconditioner",
+    "classify_run",
     "detect_divergence",
     "hessian_vector_product",
     "largest_hessian_eigenvalue",
     "learning_rate_at",
+    "moving_average",
     "plot_clipping_factors",
     "plot_divergence",
     "plot_sharpness",

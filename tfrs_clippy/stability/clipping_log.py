@@ -96,7 +96,7 @@ class ClippingFactorLogger(_callback.PeriodicCallback):
 def plot_clipping_factors(record: ClippingFactorRecord, path: str, title: str = "Clipping factors") -> str:
     """Plots each variable's factor over steps, one panel per layer, to a PNG at `path`; returns `path`.
 
-    A record with steps but no variable (e.g. every one filtered out, as `reporting` drops embedding tables) gives
+    A record with steps but no variable (e.g. every one filtered out, as the reproduction drops embedding tables) gives
     a single empty panel over its steps that says so, rather than no file.
 
     Raises:

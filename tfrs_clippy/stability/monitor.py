@@ -223,8 +223,12 @@ class InstabilityScore:
     worst_spike_ratio: float
 
     @property
-    def diverged(self) -> bool:
-        """Whether the run fully diverged at least once and was not rescued (the paper's per-run outcome)."""
+    def had_full_divergence(self) -> bool:
+        """Whether the loss fully diverged at least once and no rollback rescued it.
+
+        Not the run's verdict: whether a run *diverged* (the word's one meaning in this project) also looks at its
+        final loss and held-out metrics, `stability.classify_run`.
+        """
         return self.full_divergences > 0
 
 
