@@ -69,6 +69,7 @@ with stderr_silenced():
         DivergenceMonitor,
         RollbackOnDivergence,
         SharpnessMonitor,
+        VerdictConfig,
         classify_run,
     )
     from tfrs_clippy.stability import _plotting
@@ -470,6 +471,16 @@ def setting_text(records: Sequence[dict[str, Any]]) -> str:
     return f"{config['method']}" + (f" ({settings})" if settings and config["method"] in TUNED_METHODS else "")
 
 
+def at_chance(record: dict[str, Any]) -> bool:
+    """Every binary task's held-out AUC is within the verdict's chance margin of 0.5: the model ranks nothing.
+
+    A run can end there without "diverging" (no loss blow-up, see `classify_run`): e.g. Adam's too-large steps
+    kill the ReLUs and the loss settles at the constant prediction's level. The table counts both.
+    """
+    margin = VerdictConfig().chance_auc_margin
+    return all(abs(value - 0.5) <= margin for name, value in record["metrics"].items() if name.endswith("_auc"))
+
+
 def comparison_table(records: Sequence[dict[str, Any]]) -> str:
     """Per (method, multiplier): on the shock stream and on its control, divergence, peak, dead units, metrics."""
     by_setting = group(records, "method", "lr_multiplier", "shock")
@@ -477,7 +488,8 @@ def comparison_table(records: Sequence[dict[str, Any]]) -> str:
     regression = [name for name in records[0]["metrics"] if name.endswith("_rmse")]
     header = ["method", "lr"]
     for shock in shocks:
-        header += [f"{shock}: diverged", "micro", "peak loss ratio, median (worst)", "dead units", "mean AUC"]
+        header += [f"{shock}: diverged", "at chance", "micro", "peak loss ratio, median (worst)", "dead units",
+                   "mean AUC"]
         header += [f"{name[:-5]} RMSE" for name in regression]
     rows = []
     for (method, multiplier) in dict.fromkeys((key[0], key[1]) for key in by_setting):
@@ -489,6 +501,7 @@ def comparison_table(records: Sequence[dict[str, Any]]) -> str:
             if row is None:
                 row = [setting_text(runs), format_multiplier(float(multiplier))]
             row += [diverged_text(runs),
+                    f"{sum(at_chance(run) for run in runs)}/{len(runs)}",
                     f"{np.mean([run['micro_after_shock'] for run in runs]):.1f}",
                     ratio_text([run["peak_loss_ratio"] for run in runs]),
                     f"{100 * np.mean([run['dead_unit_fraction'] for run in runs]):.0f}%",
