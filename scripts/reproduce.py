@@ -54,7 +54,7 @@ from experiments.records import (
 from experiments import paper_tables
 from tfrs_clippy.data import ChunkedExamples, Splits, census_income, make_pipeline, movielens_100k, synthetic
 from tfrs_clippy.keras_runtime import LEGACY_KERAS, keras
-from tfrs_clippy.optimizers import PAPER_GRIDS, LinearWarmup, build_optimizer
+from tfrs_clippy.optimizers import ADAGRAD_METHODS, DEFAULT_SETTINGS, PAPER_GRIDS, LinearWarmup, build_optimizer
 from tfrs_clippy.optimizers.variable_names import matches_any
 from tfrs_clippy.stability import ClippingFactorLogger, DivergenceMonitor, RollbackOnDivergence, classify_run
 
@@ -66,7 +66,7 @@ FUSE_DENSE_UPDATES = False
 exceeds what it saves in a 157-step pass, so the runs use the unfused step (same math, up to float rounding)."""
 
 MODELS = ("small", "large", "large_dcn")
-METHODS = ("naive", "gc", "agc", "lamb", "clippy")
+METHODS = tuple(ADAGRAD_METHODS)
 OUTPUT_BIASES = ("label_prior", "zero")
 EVAL_BATCH_SIZE = 4096
 
@@ -82,9 +82,9 @@ Long enough that Adagrad's first, largest steps (g / sqrt(G) ~ sign(g) while G i
 taken at lr / 16 to lr / 2, below the calibrated stable rate 0.04, while the accumulator fills; short enough that
 90% of the pass runs at the peak rate the comparison is about. 10% is also the common choice in practice."""
 
-# One setting per method for the default (budgeted) run: the middle point of each of the paper's grids.
-MIDDLE_GRID = {method: [grid[len(grid) // 2]] for method, grid in PAPER_GRIDS.items()}
-GRIDS = {"middle": MIDDLE_GRID, "paper": PAPER_GRIDS}
+# One setting per method for the default (budgeted) run: the library's default, the middle of each grid.
+MIDDLE_GRID = {method: [DEFAULT_SETTINGS[method]] for method in METHODS}
+GRIDS = {"middle": MIDDLE_GRID, "paper": {method: PAPER_GRIDS[method] for method in METHODS}}
 
 
 @dataclasses.dataclass(frozen=True)

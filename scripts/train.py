@@ -62,11 +62,11 @@ import models  # noqa: E402
 import tfrs_clippy  # noqa: E402
 from tfrs_clippy import data  # noqa: E402
 from tfrs_clippy.keras_runtime import keras  # noqa: E402
-from tfrs_clippy.optimizers import METHODS, PAPER_GRIDS  # noqa: E402
+from tfrs_clippy.optimizers import DEFAULT_SETTINGS, METHODS  # noqa: E402
 from tfrs_clippy.optimizers import LinearWarmup  # noqa: E402
 from tfrs_clippy.stability._summary import write_scalar  # noqa: E402
 
-import train_eval  # noqa: E402  (beside this script: on sys.path when it runs, and in the tests)
+from experiments import train_eval  # noqa: E402
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "parameter_server", "tpu")
 DATASETS = ("movielens_100k", "census_income", "synthetic")
@@ -201,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="multiplier of every hidden width (default: the preset's or file's, 1)")
     add("--method", choices=tuple(METHODS), default="clippy")
     add("--hparams", type=_json_object("--hparams"), default=None,
-        help="the method's hyper-parameters as JSON (default: the first of the paper's grid)")
+        help="the method's hyper-parameters as JSON (default: the middle of the paper's grid, "
+             "tfrs_clippy.optimizers.DEFAULT_SETTINGS)")
     add("--include-embeddings", action="store_true", help="scale the embedding tables' updates too")
     add("--learning-rate", type=_positive_float("--learning-rate"), default=0.01)
     add("--warmup-steps", type=_non_negative_int("--warmup-steps"), default=0,
@@ -415,8 +416,9 @@ def load_splits(args: argparse.Namespace) -> data.Splits:
 
 
 def build_optimizer(args: argparse.Namespace) -> Any:
-    """The method with `--hparams` (default: the paper's first grid point), exporting factors if logging."""
-    hyperparameters = dict(PAPER_GRIDS[args.method][0] if args.hparams is None else args.hparams)
+    """The method with `--hparams` (default: `DEFAULT_SETTINGS`, the middle of the paper's grid), exporting factors
+    if logging."""
+    hyperparameters = dict(DEFAULT_SETTINGS[args.method] if args.hparams is None else args.hparams)
     learning_rate = LinearWarmup(args.learning_rate, args.warmup_steps) if args.warmup_steps else args.learning_rate
     try:
         return tfrs_clippy.build_optimizer(

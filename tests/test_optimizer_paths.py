@@ -14,7 +14,7 @@ import tensorflow as tf
 
 import numpy_oracle
 from tfrs_clippy import keras
-from tfrs_clippy.optimizers import build_optimizer
+from tfrs_clippy.optimizers import DEFAULT_SETTINGS, METHODS, build_optimizer
 
 SHAPE = (6, 3)
 # Arguments at which each rule scales these steps (sigma < 1 somewhere), learning rate included.
@@ -111,3 +111,13 @@ def test_embedding_pattern_and_exclusions_match_real_keras_variable_names(method
     optimizer.build(model.trainable_variables)
     assert set(optimizer.nonfinite_steps_by_name()) == {
         str(getattr(v, "path", None) or v.name) for v in model.trainable_variables}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_each_class_defaults_to_the_middle_of_its_grid(method):
+    """`DEFAULT_SETTINGS` (what train.py and reproduce.py use) and the classes' own defaults are one fact."""
+    cls = METHODS[method]
+    # ClippyAdagrad() keeps TFRS's defaults; the paper's setting is `from_paper`'s.
+    config = (cls.from_paper() if method == "clippy" else cls()).get_config()
+    for name, value in DEFAULT_SETTINGS[method].items():
+        assert config[name] == pytest.approx(value), name

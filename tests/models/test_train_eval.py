@@ -24,10 +24,10 @@ import models
 from tfrs_clippy import data
 from tfrs_clippy.keras_runtime import keras
 
+import train  # scripts/ is on sys.path (tests/conftest.py)
+from experiments import train_eval
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
-import train  # noqa: E402  pylint: disable=wrong-import-position
-import train_eval  # noqa: E402  pylint: disable=wrong-import-position
 
 TRAIN_PY = ROOT / "scripts" / "train.py"
 DATA_FLAGS = [

@@ -4,6 +4,7 @@ baselines, the math they share, and a learning-rate warm-up for any optimizer.""
 from tfrs_clippy.optimizers.baselines import (
     ADAGRAD_METHODS,
     ADAM_METHODS,
+    DEFAULT_SETTINGS,
     METHODS,
     PAPER_GRIDS,
     Adagrad,
@@ -32,6 +33,7 @@ __all__ = [
     "AdaptiveGradientClippingAdam",
     "ClippyAdagrad",
     "ClippyAdam",
+    "DEFAULT_SETTINGS",
     "GradientClippingAdagrad",
     "GradientClippingAdam",
     "LambAdagrad",

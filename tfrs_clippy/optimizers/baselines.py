@@ -188,6 +188,9 @@ PAPER_GRIDS = {
     **{adam: _ADAGRAD_GRIDS[adagrad] for adagrad, adam in zip(ADAGRAD_METHODS, ADAM_METHODS)},
 }
 """The paper's hyper-parameter grids (Section 5.1), per method of `METHODS`."""
+DEFAULT_SETTINGS = {method: dict(grid[len(grid) // 2]) for method, grid in PAPER_GRIDS.items()}
+"""Each method's one default setting: the middle point of its grid, which is also its class's default arguments
+(GC threshold 1e-2, AGC 1e-3, LAMB trust_scale 1e-2; Clippy the paper's setting)."""
 
 _UNCLIPPED = ("naive", "adam")
 _WEIGHT_NORM = ("agc", "lamb", "agc_adam", "lamb_adam")
