@@ -25,6 +25,7 @@ def _run_under_mirrored_strategy() -> dict:
     import numpy as np  # pylint: disable=import-outside-toplevel
 
     from tfrs_clippy import ClippyAdagrad  # pylint: disable=import-outside-toplevel
+    from tfrs_clippy.stability.rollback import optimizer_state_variables  # pylint: disable=import-outside-toplevel
     from tfrs_clippy.keras_runtime import keras  # pylint: disable=import-outside-toplevel
     from tfrs_clippy.stability import (  # pylint: disable=import-outside-toplevel
         ClippingFactorLogger,
@@ -43,7 +44,9 @@ def _run_under_mirrored_strategy() -> dict:
             self.states = []
 
         def on_train_batch_end(self, batch, logs=None):
-            self.states.append(self.model.get_weights() + [v.numpy() for v in self.model.optimizer.variables])
+            # The optimizer's state: a rollback restores it, not the diagnostics (the last step's factor).
+            state = optimizer_state_variables(self.model.optimizer)
+            self.states.append(self.model.get_weights() + [v.numpy() for v in state])
 
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     with strategy.scope():

@@ -11,21 +11,21 @@
 """
 
 from tfrs_clippy.stability.adagrad_steps import AdagradStepLogger, AdagradStepRecord, learning_rate_at
+from tfrs_clippy.stability.batch_loss import BatchLossReader
 from tfrs_clippy.stability.clipping_log import ClippingFactorLogger, ClippingFactorRecord, plot_clipping_factors
-from tfrs_clippy.stability.monitor import (
-    BatchLossReader,
+from tfrs_clippy.stability.detection import (
     DetectorConfig,
     DivergenceEvent,
-    DivergenceMonitor,
     DivergenceRecord,
     InstabilityScore,
     SpikeDetector,
     detect_divergence,
     plot_divergence,
 )
+from tfrs_clippy.stability.monitor import DivergenceMonitor
 from tfrs_clippy.stability.over_clipping import OverClippingMonitor, OverClippingWarning
-from tfrs_clippy.stability.run_verdict import RunVerdict, VerdictConfig, classify_run, moving_average
 from tfrs_clippy.stability.rollback import RollbackEvent, RollbackOnDivergence, Snapshot
+from tfrs_clippy.stability.run_verdict import RunVerdict, VerdictConfig, classify_run, moving_average
 from tfrs_clippy.stability.sharpness import (
     SharpnessMonitor,
     SharpnessRecord,

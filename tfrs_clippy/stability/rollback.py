@@ -16,7 +16,8 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
-from tfrs_clippy.stability.monitor import DetectorConfig, DivergenceMonitor
+from tfrs_clippy.stability.detection import DetectorConfig
+from tfrs_clippy.stability.monitor import DivergenceMonitor
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class RollbackEvent:
     learning_rate: float
 
 
-def _optimizer_variables(optimizer: Any) -> List[tf.Variable]:
+def optimizer_state_variables(optimizer: Any) -> List[tf.Variable]:
     """The optimizer's state: `optimizer.variables` without tfrs_clippy's diagnostic counters and factors.
 
     Keras 3 lists the counters in `variables` and Keras 2 does not: leaving them out in both makes a rollback keep
@@ -229,7 +230,7 @@ class RollbackOnDivergence(DivergenceMonitor):
             # the two (weights loaded, say), and the new one is what this `fit` starts from.
             self._drop_newest()
         model_weights = self.model.get_weights()
-        optimizer_values = [variable.numpy() for variable in _optimizer_variables(self.model.optimizer)]
+        optimizer_values = [variable.numpy() for variable in optimizer_state_variables(self.model.optimizer)]
         if self.directory is None:
             self.snapshots.append(Snapshot(step, model_weights, optimizer_values, None))
             return
@@ -248,7 +249,7 @@ class RollbackOnDivergence(DivergenceMonitor):
         """Sets model weights and optimizer variables to the snapshot's, except the learning rate, kept as is."""
         model_weights, optimizer_values = snapshot.load()
         optimizer = self.model.optimizer
-        variables = _optimizer_variables(optimizer)
+        variables = optimizer_state_variables(optimizer)
         if len(variables) != len(optimizer_values):
             raise ValueError(
                 f"The optimizer has {len(variables)} variables but the snapshot of step {snapshot.step} has "

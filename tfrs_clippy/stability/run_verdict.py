@@ -29,7 +29,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from tfrs_clippy.stability.monitor import DetectorConfig, detect_divergence
+from tfrs_clippy.stability.detection import DetectorConfig, detect_divergence
 
 
 @dataclasses.dataclass(frozen=True)
