@@ -18,8 +18,8 @@ import time
 from typing import Any, Optional, Sequence
 
 import reproduce  # scripts/ is on sys.path when this file runs
-from experiments.records import write_json_atomically
 from experiments import paper_tables
+from experiments.records import write_json_atomically
 
 DEFAULT_LEARNING_RATES = "0.005,0.01,0.02,0.04,0.08,0.16,0.32"
 

@@ -43,6 +43,13 @@ import numpy as np
 import tensorflow as tf
 
 import models
+from tfrs_clippy.data import ChunkedExamples, Splits, census_income, make_pipeline, movielens_100k, synthetic
+from tfrs_clippy.keras_runtime import LEGACY_KERAS, keras
+from tfrs_clippy.optimizers import ADAGRAD_METHODS, DEFAULT_SETTINGS, PAPER_GRIDS, LinearWarmup, build_optimizer
+from tfrs_clippy.optimizers.variable_names import matches_any
+from tfrs_clippy.stability import ClippingFactorLogger, DivergenceMonitor, RollbackOnDivergence, classify_run
+
+from experiments import paper_tables
 from experiments.records import (
     config_key,
     format_duration,
@@ -51,12 +58,6 @@ from experiments.records import (
     read_json,
     write_json_atomically,
 )
-from experiments import paper_tables
-from tfrs_clippy.data import ChunkedExamples, Splits, census_income, make_pipeline, movielens_100k, synthetic
-from tfrs_clippy.keras_runtime import LEGACY_KERAS, keras
-from tfrs_clippy.optimizers import ADAGRAD_METHODS, DEFAULT_SETTINGS, PAPER_GRIDS, LinearWarmup, build_optimizer
-from tfrs_clippy.optimizers.variable_names import matches_any
-from tfrs_clippy.stability import ClippingFactorLogger, DivergenceMonitor, RollbackOnDivergence, classify_run
 
 RECORD_VERSION = 2
 """Part of every run's config, hence of its key: bump it when a change to this script changes results."""

@@ -62,8 +62,11 @@ import models  # noqa: E402
 import tfrs_clippy  # noqa: E402
 from tfrs_clippy import data  # noqa: E402
 from tfrs_clippy.keras_runtime import keras  # noqa: E402
-from tfrs_clippy.optimizers import DEFAULT_SETTINGS, METHODS  # noqa: E402
-from tfrs_clippy.optimizers import LinearWarmup  # noqa: E402
+from tfrs_clippy.optimizers import (  # noqa: E402
+    DEFAULT_SETTINGS,
+    METHODS,
+    LinearWarmup,  # noqa: E402
+)
 from tfrs_clippy.stability._summary import write_scalar  # noqa: E402
 
 from experiments import train_eval  # noqa: E402

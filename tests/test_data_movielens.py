@@ -6,8 +6,8 @@ import pathlib
 
 import numpy as np
 import pytest
-
 from test_data_spec import assert_follows_spec, columns
+
 from tfrs_clippy import data
 from tfrs_clippy.data import movielens
 

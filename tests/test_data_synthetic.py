@@ -7,8 +7,8 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from test_data_spec import columns
+
 from tfrs_clippy import data
 
 

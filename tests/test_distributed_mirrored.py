@@ -1,4 +1,5 @@
-"""ClippyAdagrad, ClippyAdam and the baselines under MirroredStrategy (2 logical CPUs) equal one device at the same global batch.
+"""ClippyAdagrad, ClippyAdam and the baselines under MirroredStrategy (2 logical CPUs) equal one device at the same
+global batch.
 
 Both runtimes. The strategy runs in a fresh process (`scripts/dist_mirrored.py`): logical devices must be
 configured before TensorFlow runs an op, which pytest's process has already done. One process runs every case.

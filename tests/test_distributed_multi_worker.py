@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from script_runner import free_ports
 
 SCRIPT = pathlib.Path(__file__).parent / "scripts" / "dist_multi_worker.py"

@@ -43,7 +43,9 @@ def test_legacy_optimizer_base_is_refused_with_the_fix():
 
 @pytest.mark.parametrize("legacy", [True, False])
 def test_each_runtime_imports_in_a_fresh_process(legacy):
-    result = run_python("import tfrs_clippy as t; print(t.LEGACY_KERAS, t.ClippyAdagrad.__mro__[1].__module__)", legacy)
+    code = ("import tfrs_clippy as t; from tfrs_clippy.optimizers.adapter import RuntimeOptimizer as R; "
+            "print(t.LEGACY_KERAS, R.__module__, all(issubclass(c, R) for c in (t.ClippyAdagrad, t.ClippyAdam)))")
+    result = run_python(code, legacy)
     assert result.returncode == 0, result.stderr[-2000:]
     expected_adapter = "keras2_adapter" if legacy else "keras3_adapter"
-    assert result.stdout.split() == [str(legacy), f"tfrs_clippy.optimizers.{expected_adapter}"]
+    assert result.stdout.split() == [str(legacy), f"tfrs_clippy.optimizers.{expected_adapter}", "True"]

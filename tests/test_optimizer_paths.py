@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import numpy_oracle
 from tfrs_clippy import keras
 from tfrs_clippy.optimizers import DEFAULT_SETTINGS, METHODS, build_optimizer
+
+import numpy_oracle
 
 SHAPE = (6, 3)
 # Arguments at which each rule scales these steps (sigma < 1 somewhere), learning rate included.

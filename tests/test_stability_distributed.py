@@ -25,13 +25,13 @@ def _run_under_mirrored_strategy() -> dict:
     import numpy as np  # pylint: disable=import-outside-toplevel
 
     from tfrs_clippy import ClippyAdagrad  # pylint: disable=import-outside-toplevel
-    from tfrs_clippy.stability.rollback import optimizer_state_variables  # pylint: disable=import-outside-toplevel
     from tfrs_clippy.keras_runtime import keras  # pylint: disable=import-outside-toplevel
     from tfrs_clippy.stability import (  # pylint: disable=import-outside-toplevel
         ClippingFactorLogger,
         RollbackOnDivergence,
         SharpnessMonitor,
     )
+    from tfrs_clippy.stability.rollback import optimizer_state_variables  # pylint: disable=import-outside-toplevel
 
     rng = np.random.default_rng(0)
     features = rng.standard_normal((BATCH_SIZE * BATCHES, 4)).astype(np.float32)

@@ -207,7 +207,8 @@ def test_lr_factor_scales_a_linear_warmup_schedule():
 
 @pytest.mark.parametrize(
     "argument, value",
-    [("snapshot_every_n_steps", 0), ("keep_snapshots", 0), ("skip_batches", -1), ("lr_factor", 0.0), ("lr_factor", 2.0)],
+    [("snapshot_every_n_steps", 0), ("keep_snapshots", 0), ("skip_batches", -1), ("lr_factor", 0.0),
+     ("lr_factor", 2.0)],
 )
 def test_bad_arguments_raise_naming_them(argument, value):
     with pytest.raises(ValueError, match=argument):

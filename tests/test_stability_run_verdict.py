@@ -7,7 +7,6 @@ import pytest
 
 from tfrs_clippy.stability import VerdictConfig, classify_run, moving_average
 
-
 # Verdicts on synthetic loss curves -------------------------------------------------------------------------------
 
 

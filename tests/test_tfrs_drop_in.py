@@ -172,7 +172,8 @@ MODES = {
 def test_epsilon_zero_with_a_positive_initial_accumulator_steps_by_hand_numbers(mode, gradient_kind):
     """G0 = 0.25, g = [2, 0], lr = 0.1, no clipping: delayed 0.1 * 2 / sqrt(0.25) = 0.4, standard 0.2 / sqrt(4.25)."""
     optimizer = ClippyAdagrad(learning_rate=0.1, initial_accumulator_value=0.25, epsilon=0.0,
-                              variable_relative_threshold=float("inf"), fuse_dense_updates=gradient_kind != "dense_unfused",
+                              variable_relative_threshold=float("inf"),
+                              fuse_dense_updates=gradient_kind != "dense_unfused",
                               **MODES[mode])
     variable = tf.Variable([[1.0, 1.0]])
     if gradient_kind == "sparse":

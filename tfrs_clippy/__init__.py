@@ -1,7 +1,7 @@
 """tfrs_clippy: Clippy (adaptive update clipping) and stability tools for multitask ranking in TensorFlow.
 
-`tfrs_clippy.ClippyAdagrad` (and every optimizer here) is the optimizer class for the Keras runtime of this process: Keras 2 (`tf_keras`)
-when TF_USE_LEGACY_KERAS=1 was set before TensorFlow was imported, Keras 3 otherwise.
+`tfrs_clippy.ClippyAdagrad` (and every optimizer here) is the optimizer class for the Keras runtime of this
+process: Keras 2 (`tf_keras`) when TF_USE_LEGACY_KERAS=1 was set before TensorFlow was imported, Keras 3 otherwise.
 """
 
 from tfrs_clippy import data, stability

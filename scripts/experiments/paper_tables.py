@@ -15,11 +15,11 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from experiments.records import Record, format_multiplier, markdown, metric_names
 from tfrs_clippy.optimizers import ADAGRAD_METHODS
 from tfrs_clippy.optimizers.variable_names import check_patterns, matches_any
-from tfrs_clippy.stability import ClippingFactorRecord, moving_average, plot_clipping_factors
-from tfrs_clippy.stability import _plotting
+from tfrs_clippy.stability import ClippingFactorRecord, _plotting, moving_average, plot_clipping_factors
+
+from experiments.records import Record, format_multiplier, markdown, metric_names
 
 _METHOD_TITLES = {"naive": "Naive", "gc": "GC", "agc": "AGC", "lamb": "LAMB", "clippy": "Clippy"}
 METHOD_COLUMNS = tuple((method, _METHOD_TITLES[method]) for method in ADAGRAD_METHODS)
@@ -289,7 +289,8 @@ def clipping_factor_record(record: Record, skip_pattern: str = "embedding") -> C
         raise ValueError(f"Run {record.get('key')} recorded no clipping factors.")
     return ClippingFactorRecord(
         steps=list(factors["steps"]),
-        factors={name: list(values) for name, values in factors["factors"].items() if not matches_any([skip_pattern], name)},
+        factors={name: list(values) for name, values in factors["factors"].items()
+                 if not matches_any([skip_pattern], name)},
     )
 
 

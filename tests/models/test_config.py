@@ -37,7 +37,8 @@ def test_dict_round_trip_and_preset_key():
     as_dict = config.to_dict()
     assert json.loads(json.dumps(as_dict)) == as_dict
     assert RankerConfig.from_dict(as_dict) == config
-    assert RankerConfig.from_dict({"preset": "large_dcn", "scale": 0.25}) == RankerConfig.preset("large_dcn", scale=0.25)
+    preset = RankerConfig.preset("large_dcn", scale=0.25)
+    assert RankerConfig.from_dict({"preset": "large_dcn", "scale": 0.25}) == preset
     assert as_dict["output_bias"] == "label_prior"  # the default
     zero = RankerConfig.preset("small", output_bias="zero")
     assert zero.to_dict()["output_bias"] == "zero" and RankerConfig.from_dict(zero.to_dict()) == zero

@@ -18,7 +18,6 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
-from script_runner import free_ports
 
 import models
 from tfrs_clippy import data
@@ -26,6 +25,7 @@ from tfrs_clippy.keras_runtime import keras
 
 import train  # scripts/ is on sys.path (tests/conftest.py)
 from experiments import train_eval
+from script_runner import free_ports
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 

@@ -3,7 +3,8 @@
 Usage: dist_train.py OUT.npz [train.py flags...]. OUT.npz holds `weights/<i>` for the i-th model variable and
 `trainable/<i>` for the i-th trainable one (the shards of a sharded variable concatenated back; `max_shards` is the
 largest number of shards of one variable) and `optimizer/<i>` for every
-optimizer variable, each as the first replica holds it, for comparison with a checkpoint restored elsewhere. A subprocess, because strategies set up devices or servers that outlive a test.
+optimizer variable, each as the first replica holds it, for comparison with a checkpoint restored elsewhere. A
+subprocess, because strategies set up devices or servers that outlive a test.
 """
 
 import pathlib

@@ -81,7 +81,8 @@ class _Teacher:
 
     def scores(self, ids: Sequence[tf.Tensor], numeric: tf.Tensor, angle: tf.Tensor) -> tf.Tensor:
         """[batch, num_tasks] float32 scores of a chunk; `angle` [batch] is each example's head rotation."""
-        embeddings = [tf.gather(table, ids_module.hash_bucket(f_ids, TEACHER_BUCKETS)) for table, f_ids in zip(self.tables, ids)]
+        embeddings = [tf.gather(table, ids_module.hash_bucket(f_ids, TEACHER_BUCKETS))
+                      for table, f_ids in zip(self.tables, ids)]
         hidden = tf.nn.relu(tf.concat(embeddings + [numeric], axis=1) @ self.projection) - _RELU_MEAN
         start, end = hidden @ self.heads[0], hidden @ self.heads[1]
         return tf.cos(angle)[:, None] * start + tf.sin(angle)[:, None] * end

@@ -92,7 +92,9 @@ class ClippyAdam(ScaledAdam):
         if update_rms_threshold is not None:
             update_rms_threshold = float(update_rms_threshold)
             if not update_rms_threshold > 0:
-                raise ValueError(f"`update_rms_threshold` must be None or a positive number, got {update_rms_threshold}.")
+                raise ValueError(
+                    f"`update_rms_threshold` must be None or a positive number, got {update_rms_threshold}."
+                )
         super().__init__(
             learning_rate=learning_rate,
             beta_1=beta_1,

@@ -8,7 +8,6 @@ import tensorflow as tf
 import tf_keras
 
 
-
 class RuntimeOptimizer(tf_keras.optimizers.Optimizer):
     """Creates slots and owns the learning rate and config on Keras 2; `ScaledOptimizer` and its families do the
     rest, through `_build_slots` (called with every variable seen for the first time) and `_run_step`."""

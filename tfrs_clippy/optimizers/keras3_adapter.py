@@ -10,7 +10,6 @@ import tensorflow as tf
 from tfrs_clippy.optimizers.variable_names import variable_name
 
 
-
 def _filled(value: float):
     """An initializer exact in any dtype (Keras's Constant rounds through float32 first)."""
     return lambda shape, dtype=None: tf.fill(shape, tf.constant(value, dtype))

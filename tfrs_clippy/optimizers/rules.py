@@ -27,7 +27,7 @@ class StepInputs(NamedTuple):
 
     grad: tf.Tensor
     variable: tf.Tensor
-    precondition: tf.Tensor  # the per-coordinate preconditioner: Adagrad 1 / sqrt(G + eps), Adam 1 / (sqrt(v_hat) + eps)
+    precondition: tf.Tensor  # per coordinate: Adagrad 1 / sqrt(G + eps), Adam 1 / (sqrt(v_hat) + eps)
     direction: tf.Tensor  # the unscaled step per unit learning rate
     update: tf.Tensor  # lr * direction: the unscaled step
 

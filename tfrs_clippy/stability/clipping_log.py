@@ -22,7 +22,7 @@ _TAG_PREFIX = "clipping_factor/"
 
 @dataclasses.dataclass
 class ClippingFactorRecord:
-    """Clipping factors over steps: `factors[name][i]` is the factor of variable `name` at `steps[i]` (NaN if absent)."""
+    """Clipping factors over steps: `factors[name][i]` is variable `name`'s factor at `steps[i]` (NaN if absent)."""
 
     steps: List[int] = dataclasses.field(default_factory=list)
     factors: Dict[str, List[float]] = dataclasses.field(default_factory=dict)

@@ -266,7 +266,8 @@ class RollbackOnDivergence(DivergenceMonitor):
     def _roll_back(self, step: int, loss: float, non_finite: bool) -> None:
         """Restores the newest snapshot from before `step` if there is one and rollbacks are left."""
         if self.rollbacks >= self.max_rollbacks:
-            _LOGGER.warning("Step %d: loss %g spiked after %d rollbacks; stopping training.", step, loss, self.rollbacks)
+            _LOGGER.warning("Step %d: loss %g spiked after %d rollbacks; stopping training.", step, loss,
+                            self.rollbacks)
             self.model.stop_training = True
             return
         while self.snapshots and self.snapshots[-1].step > step - 2:

@@ -341,7 +341,7 @@ class SharpnessMonitor(_callback.PeriodicCallback):
         return loss + tf.add_n(self.model.losses) if self.model.losses else loss
 
     def measure(self) -> Dict[str, float]:
-        """Measures now; returns {"sharpness", "preconditioned_sharpness", "sharpness_threshold"} (NaN if unmeasured)."""
+        """Measures now: {"sharpness", "preconditioned_sharpness", "sharpness_threshold"} (NaN if unmeasured)."""
         strategy = tf.distribute.get_strategy()
         if strategy.num_replicas_in_sync == 1 or not tf.distribute.in_cross_replica_context():
             return self._measure_on_this_device()
