@@ -461,3 +461,106 @@ def test_a_variable_first_seen_later_gets_its_own_slots():
     optimizer.apply_gradients([(tf.constant([1.0, 1.0]), later), (tf.constant([1.0]), first)])
     np.testing.assert_allclose(optimizer.accumulator(later).numpy(), [1.1, 1.1], rtol=1e-6)
     np.testing.assert_allclose(optimizer.accumulator(first).numpy(), [5.1], rtol=1e-6)
+
+
+@pytest.mark.parametrize("accumulator_update", ["standard", "delayed", "delayed_clipped"])
+@pytest.mark.parametrize("rule", ["clippy", "none"])
+def test_chunked_xla_dense_step_is_bit_identical_to_one_chunk(monkeypatch, accumulator_update, rule):
+    """The XLA dense step reduces sigma chunk by chunk (`core._chunked_scale`): with 8-element chunks (several and
+    a tail) its sigma is bit-identical to one chunk's, the new values agree to an ulp (XLA may fuse the update
+    differently), and a non-finite gradient changes nothing."""
+    from tfrs_clippy.optimizers import core
+
+    rng = np.random.default_rng(3)
+    shape = (7, 11, 3)
+    grad, weights = (tf.constant(rng.normal(size=shape).astype(np.float32) * s) for s in (3.0, 1.0))
+    accumulator = tf.constant(rng.uniform(0.1, 2.0, size=shape).astype(np.float32))
+    options = dict(epsilon=1e-7, accumulator_update=accumulator_update,
+                   rule=rules.ClippyRule(0.05, 1e-3, 1e-3) if rule == "clippy" else None)
+    outputs = []
+    for chunk in (8, 1 << 18):
+        monkeypatch.setattr(core, "_CHUNK", chunk)
+        step = tf.function(core.next_dense_values, jit_compile=True)  # a fresh trace for each chunk size
+        outputs.append([step(g, weights, accumulator, tf.constant(0.5), **options) for g in
+                        (grad, tf.tensor_scatter_nd_update(grad, [[1, 2, 0]], [np.nan]))])
+    for (chunked, skipped), (whole, whole_skipped) in zip([outputs[0]], [outputs[1]]):
+        assert float(chunked[2].smallest_scale) == float(whole[2].smallest_scale)
+        if rule == "clippy":
+            assert float(chunked[2].smallest_scale) < 1.0
+        np.testing.assert_allclose(chunked[0].numpy(), whole[0].numpy(), rtol=2e-7, atol=1e-7)
+        np.testing.assert_allclose(chunked[1].numpy(), whole[1].numpy(), rtol=2e-7)
+        assert not bool(skipped[2].all_finite) and not bool(whole_skipped[2].all_finite)
+        np.testing.assert_array_equal(skipped[0].numpy(), weights.numpy())
+        np.testing.assert_array_equal(skipped[1].numpy(), accumulator.numpy())
+
+
+@pytest.mark.parametrize("accumulator_update", ["standard", "delayed", "delayed_clipped"])
+@pytest.mark.parametrize("rule", ["clippy", "none"])
+def test_chunked_xla_dense_step_equals_the_unfused_step(monkeypatch, accumulator_update, rule):
+    """Through the optimizer, the chunked XLA path (tiny chunks) against the TensorFlow-ops path: the factors and
+    values to float rounding, a non-finite gradient skipped and counted on both."""
+    from tfrs_clippy.optimizers import core
+
+    monkeypatch.setattr(core, "_CHUNK", 8)
+    shape = (7, 11, 3) if rule == "clippy" else (7, 11, 5)  # shapes no other test traces
+    rng = np.random.default_rng(3)
+    weights = rng.normal(size=shape).astype(np.float32)
+    grads = [rng.normal(size=shape).astype(np.float32) * s for s in (0.1, 1.0, 3.0)]
+    grads.insert(2, np.where(np.arange(np.prod(shape)).reshape(shape) == 17, np.inf, grads[1]).astype(np.float32))
+    results = []
+    for fused in (True, False):
+        if rule == "clippy":
+            optimizer = ClippyAdagrad(learning_rate=0.5, export_clipping_factors=True, fuse_dense_updates=fused,
+                                      **MODES[accumulator_update], **THRESHOLDS)
+        else:  # no rule: plain Adagrad
+            optimizer = tfrs_clippy.Adagrad(learning_rate=0.5, accumulator_update=accumulator_update,
+                                            export_clipping_factors=True, fuse_dense_updates=fused)
+        variable, factors = run_optimizer(optimizer, weights, grads)
+        results.append((variable.numpy(), optimizer.accumulator(variable).numpy(), factors,
+                        int(optimizer.nonfinite_steps)))
+    (w_fast, g_fast, f_fast, n_fast), (w_ref, g_ref, f_ref, n_ref) = results
+    np.testing.assert_allclose(f_fast, f_ref, rtol=1e-6)
+    assert f_fast[2] == 0.0 and n_fast == n_ref == 1
+    if rule == "clippy":
+        assert min(f for f in f_fast if f > 0) < 1.0  # clipping was active
+    np.testing.assert_allclose(w_fast, w_ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(g_fast, g_ref, rtol=1e-6)
+
+
+@pytest.mark.parametrize("accumulator_update", ["standard", "delayed", "delayed_clipped"])
+def test_sparse_fast_path_equals_the_densified_step_and_skips_non_finite(accumulator_update):
+    """The per-tensor sparse step (tf.unique, rows padded to a power of two, one XLA call) against the dense step
+    on the densified gradient: same factors and values, untouched rows unchanged, a non-finite gradient skipped."""
+    rows, dim = 37, 3
+    rng = np.random.default_rng(5)
+    weights = rng.normal(size=(rows, dim)).astype(np.float32)
+    steps = []
+    for scale in (0.1, 1.0, 10.0):
+        ids = rng.integers(0, rows, size=11)  # repeats, 11 ids: padded rows in the bucket
+        steps.append((rng.normal(size=(11, dim)).astype(np.float32) * scale, ids))
+    steps.append((np.full((3, dim), np.nan, np.float32), np.array([1, 2, 1])))
+    outcomes = []
+    for sparse in (True, False):
+        optimizer = ClippyAdagrad(learning_rate=0.5, export_clipping_factors=True, **MODES[accumulator_update],
+                                  **THRESHOLDS)
+        variable = tf.Variable(weights)
+        apply = tf.function(optimizer.apply_gradients)
+        factors = []
+        for values, ids in steps:
+            if sparse:
+                grad = tf.IndexedSlices(tf.constant(values), tf.constant(ids, tf.int64), tf.constant([rows, dim], tf.int64))
+            else:
+                dense = np.zeros((rows, dim), np.float32)
+                np.add.at(dense, ids, values)
+                grad = tf.constant(dense)
+            apply([(grad, variable)])
+            factors.append(float(optimizer.clipping_factors[0].numpy()))
+        outcomes.append((variable.numpy(), optimizer.accumulator(variable).numpy(), factors,
+                         int(optimizer.nonfinite_steps)))
+    (w_sparse, g_sparse, f_sparse, n_sparse), (w_dense, g_dense, f_dense, n_dense) = outcomes
+    np.testing.assert_allclose(f_sparse, f_dense, rtol=1e-6)
+    assert min(f_sparse[:3]) < 1.0 and f_sparse[3] == 0.0 and n_sparse == n_dense == 1
+    np.testing.assert_allclose(w_sparse, w_dense, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(g_sparse, g_dense, rtol=1e-6)
+    untouched = np.setdiff1d(np.arange(rows), np.concatenate([ids for _, ids in steps]))
+    np.testing.assert_array_equal(w_sparse[untouched], weights[untouched])
