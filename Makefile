@@ -50,7 +50,7 @@ stress: install
 	$(STRESS_FULL) --optimizer adam --stage calibrate
 	$(STRESS_FULL) --optimizer adam --stage tune --seeds 2 --lr-multipliers 0.2,0.5,1,2
 	$(STRESS_FULL) --optimizer adam --seeds 3 --lr-multipliers 0.2,1,2 \
-	  --methods adam,gc_adam,agc_adam,lamb_adam,clippy_adam,clippy_adam_rms
+	  --methods adam,gc_adam,agc_adam,lamb_adam,clippy_adam,stable_adam,clippy_adam_rms
 
 # The paper's optimizer comparison on MovieLens-100K (results/ and PNG plots): the second, smaller result.
 reproduce: install
