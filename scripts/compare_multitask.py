@@ -11,10 +11,19 @@ evaluates on the test split. Variants (base optimizer in brackets):
     pub_nash_scale (Adam)             PUB, alpha as the bargaining solution itself
     plain_clippy (ClippyAdagrad)      the sum of the task losses, ClippyAdagrad.from_paper
     pub_clippy (ClippyAdagrad)        PUB whose candidate updates are Clippy-clipped Adagrad updates
+    pub_clippy_combined (ClippyAdagrad)   PUB on unclipped Adagrad candidates, Clippy applied once to the move
+    plain_clippy_adam (ClippyAdam)    the sum of the task losses, ClippyAdam (the paper's thresholds)
+    pub_clippy_adam (ClippyAdam)      PUB whose candidate updates are Clippy-clipped Adam updates
+    pub_clippy_adam_combined (ClippyAdam)  PUB on unclipped Adam candidates, Clippy applied once to the move
+
+ClippyAdam runs at `--clippy-adam-learning-rate` (default Adam's 1e-3). Its rule bounds a coordinate's move by
+0.5 |w| + 1e-2, and an Adam step is at most ~7.3 lr per coordinate, so below lr ~1.4e-3 the rule cannot fire on
+a single step: there plain_clippy_adam is Adam and pub_clippy_adam is pub, and only the "combined" variant, whose
+balanced move can reach K times a step, can be clipped. Pass e.g. 1e-2 for a rate where the rule fires.
 
 Reported per run: test AUC per binary task and their mean, test RMSE of regression tasks, and the median wall time
 of a training step (after the first 5). Writes a JSON of every run and a Markdown table of mean +- std over seeds,
-with step times relative to `plain` on the same dataset and backbone.
+with step times relative to `plain` on the same dataset and backbone, headed by the command and commit.
 
     TF_USE_LEGACY_KERAS=1 .venv/bin/python scripts/compare_multitask.py --out docs/pub_results
 """
@@ -25,7 +34,9 @@ import argparse
 import dataclasses
 import json
 import pathlib
+import shlex
 import statistics
+import sys
 import time
 from typing import Any, Callable
 
@@ -38,6 +49,7 @@ from tfrs_clippy.keras_runtime import keras
 
 DATASETS: dict[str, Callable[[], Any]] = {"census_income": census_income, "movielens_100k": movielens_100k}
 BACKBONES = ("mmoe", "ple")
+REPOSITORY = pathlib.Path(__file__).resolve().parent.parent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +57,7 @@ class Variant:
     """A training recipe: the base optimizer and the ranker's `multitask_balancing` (None: the summed loss)."""
 
     name: str
-    optimizer: str  # "adam" or "clippy"
+    optimizer: str  # a key of OPTIMIZERS
     balancing: dict[str, Any] | None
 
 
@@ -57,7 +69,18 @@ VARIANTS = (
     Variant("pub_nash_scale", "adam", {"method": "pub", "alpha_scaling": "nash"}),
     Variant("plain_clippy", "clippy", None),
     Variant("pub_clippy", "clippy", {"method": "pub"}),
+    Variant("pub_clippy_combined", "clippy", {"method": "pub", "clip": "combined"}),
+    Variant("plain_clippy_adam", "clippy_adam", None),
+    Variant("pub_clippy_adam", "clippy_adam", {"method": "pub"}),
+    Variant("pub_clippy_adam_combined", "clippy_adam", {"method": "pub", "clip": "combined"}),
 )
+
+OPTIMIZERS: dict[str, Callable[[argparse.Namespace], Any]] = {
+    "adam": lambda args: keras.optimizers.Adam(args.adam_learning_rate),
+    "clippy": lambda args: tfrs_clippy.ClippyAdagrad.from_paper(args.clippy_learning_rate),
+    "clippy_adam": lambda args: tfrs_clippy.ClippyAdam(args.clippy_adam_learning_rate),
+}
+"""The base optimizers, from the command line's learning rates."""
 
 
 class StepTimer(keras.callbacks.Callback):
@@ -75,10 +98,22 @@ class StepTimer(keras.callbacks.Callback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
-def make_optimizer(name: str, args: argparse.Namespace):
-    if name == "adam":
-        return keras.optimizers.Adam(args.adam_learning_rate)
-    return tfrs_clippy.ClippyAdagrad.from_paper(args.clippy_learning_rate)
+def commit() -> str:
+    """The checked-out commit, read from .git (the run may have uncommitted changes on top), or "unknown"."""
+    git = REPOSITORY / ".git"
+    try:
+        head = (git / "HEAD").read_text(encoding="utf-8").strip()
+        if not head.startswith("ref: "):
+            return head[:12]
+        ref = head.removeprefix("ref: ")
+        if (git / ref).exists():
+            return (git / ref).read_text(encoding="utf-8").strip()[:12]
+        for line in (git / "packed-refs").read_text(encoding="utf-8").splitlines():
+            if line.endswith(" " + ref):
+                return line.split()[0][:12]
+    except OSError:
+        pass
+    return "unknown"
 
 
 def run(splits, backbone: str, variant: Variant, seed: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -88,7 +123,7 @@ def run(splits, backbone: str, variant: Variant, seed: int, args: argparse.Names
         "small", bottom=backbone, scale=args.scale, multitask_balancing=variant.balancing
     )
     model = models.build_ranker(splits.spec, config)
-    model.compile(optimizer=make_optimizer(variant.optimizer, args))
+    model.compile(optimizer=OPTIMIZERS[variant.optimizer](args))
     train = make_pipeline(splits.train, args.batch_size, shuffle_window=args.shuffle_window, seed=seed,
                           epochs=args.epochs)
     timer = StepTimer()
@@ -151,16 +186,23 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--shuffle-window", type=int, default=8192)
     parser.add_argument("--adam-learning-rate", type=float, default=1e-3)
-    parser.add_argument("--clippy-learning-rate", type=float, default=0.05)
+    parser.add_argument("--clippy-learning-rate", type=float, default=0.05, help="ClippyAdagrad's")
+    parser.add_argument("--clippy-adam-learning-rate", type=float, default=1e-3,
+                        help="ClippyAdam's (its rule cannot fire below ~1.4e-3; see above)")
     parser.add_argument("--threads", type=int, default=1, help="TensorFlow intra- and inter-op threads")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("docs/pub_results"))
     args = parser.parse_args()
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     variants = [v for v in VARIANTS if v.name in args.variants]
-    report: dict[str, Any] = {"settings": {k: str(v) if isinstance(v, pathlib.Path) else v
+    command = "TF_USE_LEGACY_KERAS=1 .venv/bin/python " + shlex.join(["scripts/compare_multitask.py", *sys.argv[1:]])
+    report: dict[str, Any] = {"command": command, "commit": commit(),
+                              "settings": {k: str(v) if isinstance(v, pathlib.Path) else v
                                            for k, v in vars(args).items()}, "runs": {}}
-    tables = []
+    tables = [f"Generated by `{command}` at commit {report['commit']} (learning rates: Adam "
+              f"{args.adam_learning_rate:g}, ClippyAdagrad {args.clippy_learning_rate:g}, ClippyAdam "
+              f"{args.clippy_adam_learning_rate:g})."]
+    total, done = len(args.datasets) * len(args.backbones) * len(variants) * args.seeds, 0
     for dataset in args.datasets:
         splits = DATASETS[dataset]()
         runs = []
@@ -170,7 +212,9 @@ def main() -> None:
                     start = time.perf_counter()
                     result = run(splits, backbone, variant, seed, args)
                     runs.append(result)
-                    print(f"{dataset} {backbone} {variant.name} seed {seed}: mean AUC {result['mean_auc']:.4f} "
+                    done += 1
+                    print(f"[{done}/{total}] "
+                          f"{dataset} {backbone} {variant.name} seed {seed}: mean AUC {result['mean_auc']:.4f} "
                           f"AUC {result['auc']} RMSE {result['rmse']} "
                           f"step {result['median_step_seconds'] * 1e3:.1f} ms "
                           f"({time.perf_counter() - start:.0f} s)", flush=True)

@@ -122,12 +122,21 @@ def test_uncertainty_weighting_learns_log_variances():
     assert np.all(np.abs(log_variances) > 0.05), log_variances
 
 
-def test_pub_over_clippy_under_xla_matches_graph_mode():
+CLIPPY_OPTIMIZERS = {
+    "clippy_adagrad": lambda: tfrs_clippy.ClippyAdagrad.from_paper(0.1),
+    # lr 0.02: above ~1.4e-3, where the rule can fire (lambda_abs 1e-2).
+    "clippy_adam": lambda: tfrs_clippy.ClippyAdam(0.02),
+}
+
+
+@pytest.mark.parametrize("clip", ["per_task", "combined"])
+@pytest.mark.parametrize("optimizer", sorted(CLIPPY_OPTIMIZERS))
+def test_pub_over_clippy_under_xla_matches_graph_mode(optimizer, clip):
     finals = []
     for jit_compile in (False, True):
         keras.utils.set_random_seed(0)
-        model = ToyRanker([0, 1, 2], {"method": "pub", "solve_every": 2})
-        logs = _fit(model, tfrs_clippy.ClippyAdagrad.from_paper(0.1), jit_compile=jit_compile)
+        model = ToyRanker([0, 1, 2], {"method": "pub", "solve_every": 2, "clip": clip})
+        logs = _fit(model, CLIPPY_OPTIMIZERS[optimizer](), jit_compile=jit_compile)
         finals.append((logs[-1], [np.asarray(v) for v in model.trainable_variables]))
     (graph_logs, graph_weights), (xla_logs, xla_weights) = finals
     assert graph_logs.keys() == xla_logs.keys()
@@ -158,6 +167,7 @@ def test_pub_refuses_an_optimizer_it_cannot_read():
         (["a", "b"], {"method": "pub", "alpha_scaling": "sum"}, "`alpha_scaling` must be one of"),
         (["a", "b"], {"method": "pub", "solve_every": 0}, "`solve_every` must be an integer >= 1"),
         (["a", "b"], {"method": "pub", "ridge": -1.0}, "`ridge` must be a number >= 0"),
+        (["a", "b"], {"method": "pub", "clip": "both"}, r"`clip` must be one of \(.*\), got 'both'"),
         (["a", "b"], {"methd": "pub"}, r"unknown options \['methd'\]"),
     ],
 )
@@ -167,10 +177,51 @@ def test_invalid_options_are_clear_errors(task_names, balancing, message):
 
 
 def test_options_serialize():
-    config = BalancingConfig(method="nash_mtl", alpha_scaling="nash", solve_every=3, max_solver_iterations=7)
+    config = BalancingConfig(
+        method="pub", alpha_scaling="nash", solve_every=3, max_solver_iterations=7, clip="combined"
+    )
+    assert config.to_dict()["clip"] == "combined"
     assert BalancingConfig.from_value(config.to_dict()) == config
     assert BalancingConfig.from_value("uncertainty") == BalancingConfig(method="uncertainty")
     balancer = MultitaskBalancer(["a", "b", "c"], config, name="balancer")
     restored = MultitaskBalancer.from_config(balancer.get_config())
     assert restored.balancing == config and restored.task_names == ["a", "b", "c"] and restored.name == "balancer"
     assert keras.layers.deserialize(keras.layers.serialize(balancer)).balancing == config
+
+
+def _data_with_a_nan_label(step: int, num_batches: int = 12, batch: int = 32) -> tf.data.Dataset:
+    """`_data`, with task 1's label NaN on one example of batch `step`."""
+    ids, labels = next(iter(_data(num_batches, batch).unbatch().batch(num_batches * batch)))
+    labels = labels.numpy()
+    labels[step * batch, 1] = np.nan
+    return tf.data.Dataset.from_tensor_slices((ids, labels)).batch(batch)
+
+
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda: tfrs_clippy.ClippyAdagrad.from_paper(0.1, export_clipping_factors=True),
+        lambda: tfrs_clippy.Adagrad(0.1),
+        lambda: tfrs_clippy.ClippyAdam(0.02, export_clipping_factors=True),
+    ],
+    ids=["clippy", "adagrad", "clippy_adam"],
+)
+def test_pub_skips_and_counts_a_non_finite_gradient(make_optimizer):
+    """Batch 4 (a solve step) has a NaN label of task 1: every variable task 1 reaches (the shared ones, its head)
+    keeps its value and state and counts one skipped step; alpha is held, and training goes on."""
+    keras.utils.set_random_seed(0)
+    model = ToyRanker([0, 1], {"method": "pub", "solve_every": 2})
+    optimizer = make_optimizer()
+    model.compile(optimizer=optimizer)
+    recorder = BatchLogs()
+    model.fit(_data_with_a_nan_label(4), verbose=0, callbacks=[recorder])
+    assert all(np.all(np.isfinite(np.asarray(variable))) for variable in model.trainable_variables)
+    shared = model.table.trainable_variables + model.shared.trainable_variables
+    counts = {id(v): int(optimizer.slots_of(v).nonfinite_steps) for v in model.trainable_variables}
+    for variable in shared + model.heads[1].trainable_variables:
+        assert counts[id(variable)] == 1, variable.name
+    for variable in model.heads[0].trainable_variables:
+        assert counts[id(variable)] == 0, variable.name
+    assert all(np.isfinite(step[f"weight_t{i}"]) for step in recorder.logs for i in range(2))
+    assert recorder.logs[5]["weight_t0"] == recorder.logs[3]["weight_t0"]  # held through the NaN solve step
+    assert recorder.logs[6]["weight_t0"] != recorder.logs[5]["weight_t0"]  # and solved again after it

@@ -21,15 +21,25 @@ def _fit(model, dataset, optimizer, **kwargs):
     return model.fit(dataset, verbose=0, **kwargs)
 
 
+OPTIMIZERS = {
+    "adam": lambda: keras.optimizers.Adam(3e-3),
+    "clippy": lambda: tfrs_clippy.ClippyAdagrad.from_paper(0.1),
+    "clippy_adam": lambda: tfrs_clippy.ClippyAdam(3e-3),
+}
+
+
 @pytest.mark.parametrize("bottom", ["shared_bottom", "mmoe", "ple"])
-@pytest.mark.parametrize("optimizer", ["adam", "clippy"])
-def test_fit_with_pub_per_backbone(tiny_spec, make_batch, bottom, optimizer):
+@pytest.mark.parametrize(
+    "optimizer, clip", [("adam", "per_task"), ("clippy", "per_task"), ("clippy_adam", "per_task"),
+                        ("clippy", "combined"), ("clippy_adam", "combined")]
+)
+def test_fit_with_pub_per_backbone(tiny_spec, make_batch, bottom, optimizer, clip):
     keras.utils.set_random_seed(0)
-    model = models.build_ranker(tiny_spec, RankerConfig(bottom=bottom, multitask_balancing="pub", **SMALL))
+    balancing = {"method": "pub", "clip": clip}
+    model = models.build_ranker(tiny_spec, RankerConfig(bottom=bottom, multitask_balancing=balancing, **SMALL))
     features, labels = make_batch(tiny_spec, size=256)
     dataset = tf.data.Dataset.from_tensor_slices((features, labels)).batch(32)
-    make = {"adam": lambda: keras.optimizers.Adam(3e-3), "clippy": lambda: tfrs_clippy.ClippyAdagrad.from_paper(0.1)}
-    history = _fit(model, dataset, make[optimizer](), epochs=6).history
+    history = _fit(model, dataset, OPTIMIZERS[optimizer](), epochs=6).history
     assert history["weight_click"][-1] + history["weight_rating"][-1] == pytest.approx(2.0, rel=1e-5)
     assert -1.0 <= history["cosine_click_rating"][-1] <= 1.0
     assert history["loss"][-1] < history["loss"][0], history["loss"]
@@ -61,8 +71,9 @@ def test_ple_with_two_levels_shares_the_shared_gate(tiny_spec):
 
 
 def test_config_serializes_the_balancing_options(tmp_path, tiny_spec):
-    config = RankerConfig(bottom="mmoe", multitask_balancing={"method": "nash_mtl", "alpha_scaling": "nash"})
-    assert config.multitask_balancing == BalancingConfig(method="nash_mtl", alpha_scaling="nash")
+    balancing = {"method": "pub", "alpha_scaling": "nash", "clip": "combined"}
+    config = RankerConfig(bottom="mmoe", multitask_balancing=balancing)
+    assert config.multitask_balancing == BalancingConfig(method="pub", alpha_scaling="nash", clip="combined")
     assert RankerConfig.from_dict(config.to_dict()) == config
     path = tmp_path / "config.yaml"
     path.write_text("preset: small\nbottom: ple\nmultitask_balancing: pub\n")
@@ -97,7 +108,12 @@ def test_weights_and_cosines_reach_tensorboard(tmp_path, tiny_spec, make_batch):
 
 
 @pytest.mark.slow
-def test_a_million_row_table_trains_sparsely_with_three_tasks():
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [lambda: tfrs_clippy.ClippyAdagrad.from_paper(0.1), lambda: tfrs_clippy.ClippyAdam(0.01, clipping_axis=0)],
+    ids=["clippy_adagrad", "clippy_adam"],
+)
+def test_a_million_row_table_trains_sparsely_with_three_tasks(make_optimizer):
     rows, dim = 1_000_000, 8
     spec = DatasetSpec(
         features=(
@@ -107,7 +123,7 @@ def test_a_million_row_table_trains_sparsely_with_three_tasks():
         tasks=(TaskSpec("click", "binary"), TaskSpec("like", "binary"), TaskSpec("watch", "regression")),
     )
     model = models.build_ranker(spec, RankerConfig(bottom="mmoe", multitask_balancing="pub", **SMALL))
-    model.optimizer = tfrs_clippy.ClippyAdagrad.from_paper(0.1)
+    model.optimizer = make_optimizer()
     rng = np.random.default_rng(0)
     batch = (
         {"item": tf.constant(rng.integers(0, rows, 256)), "user": tf.constant(rng.integers(0, 100, 256))},

@@ -7,7 +7,9 @@ task's loss reaches: embeddings, shared experts, ...) and the task-specific ones
 - "pub" (Yuan, Cai, Dong 2024, arXiv 2410.05806): per shared variable, the update d_i each task's gradient alone
   would make from the optimizer's state (`updates.UpdateRule`), stacked into D; alpha solves the Nash bargaining
   problem alpha_i (D D^T alpha)_i = 1 (`solver.nash_weights`); the shared variables move by sum_i alpha_i d_i and
-  the optimizer state advances with sum_i alpha_i g_i.
+  the optimizer state advances with sum_i alpha_i g_i. With a scaling optimizer of `tfrs_clippy` (ClippyAdagrad,
+  ClippyAdam, ...), `clip` says whether its rule scales each d_i ("per_task") or the balanced move once
+  ("combined", which keeps Clippy's per-coordinate bound on what is applied); see `updates`.
 - "nash_mtl" (Navon et al. 2022): the same solver on the gradients' Gram matrix G G^T; the shared variables get the
   optimizer's own step on sum_i alpha_i g_i. One code path with "pub": only the utilities differ (updates vs
   gradients).
@@ -17,7 +19,10 @@ task's loss reaches: embeddings, shared experts, ...) and the task-specific ones
 
 For "pub" and "nash_mtl", the task-specific variables get the optimizer's step on the sum of the task losses, and
 alpha is solved every `solve_every` steps (warm-started from the last solution) and held in between, as the authors
-do. alpha's scale is a design decision (`alpha_scaling`):
+do; a solve on a non-finite Gram matrix (a NaN or Inf gradient) keeps the held solution, so that one bad batch
+does not poison every later step. Under "pub", a shared variable whose task gradients (or combined gradient) are
+not finite is not written, and `tfrs_clippy` optimizers count the skipped step (`updates`). alpha's scale is a
+design decision (`alpha_scaling`):
 
 - "nash": the bargaining solution itself. It goes as 1 / ||d||, so under PUB the move sum_i alpha_i d_i has a norm
   of order sqrt(K) whatever the learning rate: the learning rate cancels out, and Adagrad's accumulator grows by
@@ -63,6 +68,8 @@ class BalancingConfig:
         solve_every: Solve alpha every this many steps, hold it in between ("pub", "nash_mtl").
         max_solver_iterations: Most Newton steps per solve (K > 2; K = 2 is closed-form).
         ridge: The solver's ridge, relative to each task's squared utility norm.
+        clip: One of `updates.CLIP_MODES` ("pub"): "per_task" scales each candidate update by the optimizer's
+            rule, "combined" the balanced move, once (`updates`). The same for optimizers without a scaling rule.
     """
 
     method: str = "pub"
@@ -70,9 +77,10 @@ class BalancingConfig:
     solve_every: int = 10
     max_solver_iterations: int = 20
     ridge: float = 1e-6
+    clip: str = "per_task"
 
     def __post_init__(self) -> None:
-        for field, choices in (("method", METHODS), ("alpha_scaling", ALPHA_SCALINGS)):
+        for field, choices in (("method", METHODS), ("alpha_scaling", ALPHA_SCALINGS), ("clip", updates.CLIP_MODES)):
             if getattr(self, field) not in choices:
                 raise ValueError(f"BalancingConfig: `{field}` must be one of {choices}, got {getattr(self, field)!r}.")
         for field in ("solve_every", "max_solver_iterations"):
@@ -221,7 +229,7 @@ class MultitaskBalancer(keras.layers.Layer):
             variable for variable in self.trainable_variables if id(variable) not in own_ids
         ]
         variables = list(shared_variables) + specific_variables
-        rule = updates.update_rule_for(optimizer) if self.balancing.method == "pub" else None
+        rule = updates.update_rule_for(optimizer, self.balancing.clip) if self.balancing.method == "pub" else None
         if not _optimizer_built(optimizer):
             with tf.init_scope():
                 optimizer.build(variables)
@@ -256,11 +264,12 @@ class MultitaskBalancer(keras.layers.Layer):
             updates.stack_task_gradients([grads[index] for grads in per_task], variable)
             for index, variable in enumerate(shared_variables)
         ]
-        utilities = (
+        candidates = (
             [rule.candidates(variable, grads) for variable, grads in zip(shared_variables, stacked)]
             if rule is not None
-            else [grads.values for grads in stacked]
+            else None
         )
+        utilities = [grads.values for grads in stacked] if candidates is None else [c.updates for c in candidates]
         flat_utilities = [tf.reshape(utility, [self.num_tasks, -1]) for utility in utilities]
         gram = tf.add_n([tf.matmul(flat, flat, transpose_b=True) for flat in flat_utilities])
         weights = self._weights(gram, optimizer.iterations)
@@ -269,8 +278,8 @@ class MultitaskBalancer(keras.layers.Layer):
             _sum_gradients([grads[index] for grads in per_task]) for index in range(num_shared, len(variables))
         ]
         if rule is not None:
-            for variable, grads, candidates in zip(shared_variables, stacked, utilities):
-                rule.commit(variable, grads, tf.tensordot(weights, candidates, axes=1), grads.combine(weights))
+            for variable, grads, variable_candidates in zip(shared_variables, stacked, candidates):
+                rule.commit(variable, grads, variable_candidates, weights)
             shared_grads = [None] * num_shared  # moved already
         else:
             shared_grads = [
@@ -290,10 +299,12 @@ class MultitaskBalancer(keras.layers.Layer):
         return {"loss": loss, **logs}
 
     def _weights(self, gram: tf.Tensor, iterations: tf.Tensor) -> tf.Tensor:
-        """alpha for this step: solved every `solve_every` steps from the warm start, else the held solution."""
+        """alpha for this step: solved every `solve_every` steps from the warm start (if `gram` is finite), else
+        the held solution."""
         held = tf.convert_to_tensor(self.solved_weights)
+        solve_step = tf.equal(tf.math.floormod(tf.cast(iterations, tf.int64), self.balancing.solve_every), 0)
         solved = tf.cond(
-            tf.equal(tf.math.floormod(tf.cast(iterations, tf.int64), self.balancing.solve_every), 0),
+            tf.logical_and(solve_step, tf.reduce_all(tf.math.is_finite(gram))),
             lambda: solver.nash_weights(
                 gram, held, max_iterations=self.balancing.max_solver_iterations, ridge=self.balancing.ridge
             ),

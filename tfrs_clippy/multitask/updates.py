@@ -3,14 +3,31 @@
 With K tasks and a shared variable w, task i's gradient g_i would move w by d_i = step(state, g_i), computed from
 the optimizer state every task shares; PUB moves w by sum_i alpha_i d_i and then advances the state with
 sum_i alpha_i g_i, as if the optimizer had seen that gradient. An `UpdateRule` computes the d_i of one base
-optimizer and commits the balanced move:
+optimizer (`candidates`) and commits the balanced move (`commit`):
 
 - `AdamRule`: Keras's Adam (either runtime), read from its own slots. For Adam sum_i d_i != step(sum_i g_i), so
   PUB with alpha = 1 is not Adam on the summed loss.
-- `AdagradRule`: any optimizer of `tfrs_clippy.optimizers` (`Adagrad`, `ClippyAdagrad`, the GC,
-  AGC and LAMB baselines), through `core.scaled_adagrad_step`: for ClippyAdagrad each d_i is a Clippy-clipped
-  Adagrad update. With the delayed accumulator and no scaling rule d is linear in g, and alpha = 1 is exactly
-  Adagrad on the summed loss.
+- `AdagradRule`: the Adagrad family of `tfrs_clippy.optimizers` (`Adagrad`, `ClippyAdagrad`, the GC, AGC and
+  LAMB baselines), through `core.scaled_adagrad_step`. With the delayed accumulator and no scaling rule d is linear
+  in g, and alpha = 1 is exactly Adagrad on the summed loss.
+- `ScaledAdamRule`: the Adam family of `tfrs_clippy.optimizers` (`Adam`, `ClippyAdam`, the Adam baselines),
+  through `adam_core.scaled_adam_step`.
+
+The two `tfrs_clippy` rules (`ScaledRule`) read the optimizer only through its public hooks (`scaling_for`,
+`slots_of`) and apply its scaling rule in one of two ways (`CLIP_MODES`, `BalancingConfig.clip`):
+
+- "per_task": each d_i is the optimizer's own scaled step on g_i (for ClippyAdagrad a Clippy-clipped Adagrad
+  update). Each d_i is within the rule's bound, but sum_i alpha_i d_i (alpha summing to K) can move a coordinate up
+  to K times it.
+- "combined": the d_i are the unscaled steps, and the rule scales the balanced move once: it sees the move as the
+  update (move / lr as the direction), the weights, the combined gradient sum_i alpha_i g_i and the
+  preconditioner of the step on it. For Clippy, no coordinate then moves more than the bound.
+
+Without a scaling rule (plain Adagrad and Adam, variables excluded from clipping) the two are the same.
+
+A NaN or Inf in a task's gradient of a variable, or in the combined gradient (a non-finite alpha), writes nothing
+to the variable and its state; the `tfrs_clippy` rules count the step in the variable's `nonfinite_steps` and
+export a clipping factor of 0, as the optimizers do for a step of their own.
 
 Sparse gradients (`tf.IndexedSlices`, e.g. of embedding tables) stay sparse: the tasks' touched rows are merged
 into one static-shaped set of rows (`TaskGradients`), the d_i are computed on those rows only, and only those rows
@@ -23,18 +40,25 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import tensorflow as tf
 
 from tfrs_clippy.keras_runtime import LEGACY_KERAS, keras
-from tfrs_clippy.optimizers import core
+from tfrs_clippy.optimizers import adam_core, core
+from tfrs_clippy.optimizers.rules import ScalingRule, StepInputs
 from tfrs_clippy.optimizers.scaled_adagrad import ScaledAdagrad
+from tfrs_clippy.optimizers.scaled_adam import ScaledAdam
 
 Gradient = tf.Tensor | tf.IndexedSlices | None
 
-UNSUPPORTED_OPTIMIZER_OPTIONS = ("clipnorm", "clipvalue", "global_clipnorm", "weight_decay", "use_ema", "amsgrad")
-"""Optimizer options the balanced update does not reproduce; PUB refuses an optimizer that sets one."""
+UNSUPPORTED_OPTIMIZER_OPTIONS = ("clipnorm", "clipvalue", "global_clipnorm", "weight_decay", "use_ema")
+"""Optimizer options the balanced update does not reproduce; PUB refuses an optimizer that sets one (and
+`AdamRule` also Keras's `amsgrad`)."""
+
+CLIP_MODES = ("per_task", "combined")
+"""Where a `tfrs_clippy` optimizer's scaling rule applies under PUB: to each candidate, or once to the balanced
+move (see the module docstring)."""
 
 
 def tf_variable(variable: Any) -> tf.Variable:
@@ -116,9 +140,11 @@ def _read(state: Any, task_gradients: TaskGradients) -> tf.Tensor:
     return tf.cast(tf.convert_to_tensor(state), tf.float32)
 
 
-def _add(state: Any, task_gradients: TaskGradients, increment: tf.Tensor) -> tf.Operation:
-    """state += increment, on the touched rows only for a sparse gradient (padding rows add nothing)."""
+def _add(state: Any, task_gradients: TaskGradients, increment: tf.Tensor, keep: tf.Tensor) -> tf.Operation:
+    """state += increment if `keep` (a bool scalar), else += 0; on the touched rows only for a sparse gradient
+    (padding rows add nothing)."""
     state = tf_variable(state)
+    increment = tf.where(keep, increment, tf.zeros_like(increment))
     increment = tf.cast(task_gradients.mask(increment), state.dtype)
     if task_gradients.sparse:
         return state.scatter_add(tf.IndexedSlices(increment, task_gradients.rows))
@@ -133,34 +159,66 @@ def current_learning_rate(optimizer: Any) -> tf.Tensor:
     return tf.cast(optimizer.learning_rate, tf.float32)
 
 
+class Candidates(NamedTuple):
+    """One variable's K candidate updates, and what `UpdateRule.commit` needs to know of them."""
+
+    updates: tf.Tensor  # the d_i (to subtract), stacked like `TaskGradients.values`, padding rows zero
+    smallest_scale: tf.Tensor  # scalar: the smallest scale the optimizer's rule gave a moving d_i (1: unscaled)
+    all_finite: tf.Tensor  # bool scalar: no task's gradient had a NaN or an Inf
+
+    def move(self, weights: tf.Tensor) -> tf.Tensor:
+        """The balanced move sum_i weights_i d_i (to subtract)."""
+        return tf.tensordot(weights, self.updates, axes=1)
+
+
 class UpdateRule(abc.ABC):
     """A base optimizer's candidate updates d_i, and the commit of a balanced move; see the module docstring."""
 
-    def __init__(self, optimizer: Any) -> None:
-        for option in UNSUPPORTED_OPTIMIZER_OPTIONS:
+    unsupported_options: tuple[str, ...] = UNSUPPORTED_OPTIMIZER_OPTIONS
+    """The optimizer options this rule refuses."""
+
+    def __init__(self, optimizer: Any, clip: str = "per_task") -> None:
+        """Checks that the rule can reproduce `optimizer`.
+
+        Args:
+            optimizer: The base optimizer.
+            clip: One of `CLIP_MODES`: where the optimizer's scaling rule applies (the module docstring).
+
+        Raises:
+            ValueError: the optimizer sets an option in `unsupported_options`, or `clip` is not in `CLIP_MODES`.
+        """
+        for option in self.unsupported_options:
             if getattr(optimizer, option, None):
                 raise ValueError(
                     f"Parameter update balancing does not support the optimizer option `{option}`="
                     f"{getattr(optimizer, option)!r} of {type(optimizer).__name__}; unset it."
                 )
+        if clip not in CLIP_MODES:
+            raise ValueError(f"Parameter update balancing: `clip` must be one of {CLIP_MODES}, got {clip!r}.")
         self.optimizer = optimizer
+        self.clip = clip
 
     @abc.abstractmethod
-    def candidates(self, variable: Any, task_gradients: TaskGradients) -> tf.Tensor:
-        """The K candidate updates (to subtract), stacked like `task_gradients.values`, padding rows zero."""
+    def candidates(self, variable: Any, task_gradients: TaskGradients) -> Candidates:
+        """The K candidate updates of `variable` from its current optimizer state."""
 
     @abc.abstractmethod
-    def commit(self, variable: Any, task_gradients: TaskGradients, delta: tf.Tensor, grad: tf.Tensor) -> tf.Operation:
-        """variable -= delta, and advances the variable's optimizer state as one step on the gradient `grad`."""
-
-    @staticmethod
-    def _move(variable: Any, task_gradients: TaskGradients, delta: tf.Tensor) -> tf.Operation:
-        return _add(variable, task_gradients, -delta)
+    def commit(
+        self, variable: Any, task_gradients: TaskGradients, candidates: Candidates, weights: tf.Tensor
+    ) -> tf.Operation:
+        """Moves `variable` by `candidates.move(weights)` and advances its optimizer state as one step on the
+        combined gradient `task_gradients.combine(weights)`; writes nothing if a gradient is not finite."""
 
 
 class AdamRule(UpdateRule):
     """Keras's Adam: d_i = lr * sqrt(1 - b2^t) / (1 - b1^t) * m_i / (sqrt(v_i) + epsilon), t = iterations + 1,
-    with m_i = b1 m + (1 - b1) g_i and v_i = b2 v + (1 - b2) g_i^2 (Keras's epsilon, added to sqrt(v))."""
+    with m_i = b1 m + (1 - b1) g_i and v_i = b2 v + (1 - b2) g_i^2 (Keras's epsilon, added to sqrt(v)).
+
+    Keras's Adam has no scaling rule (both `clip` modes are the same) and no count of skipped steps: a non-finite
+    gradient is only not written. `amsgrad` is refused: its slot is not read.
+    """
+
+    unsupported_options = (*UNSUPPORTED_OPTIMIZER_OPTIONS, "amsgrad")
 
     def _slots(self, variable: Any) -> tuple[Any, Any]:
         optimizer = self.optimizer
@@ -188,33 +246,148 @@ class AdamRule(UpdateRule):
         beta_1, beta_2 = float(self.optimizer.beta_1), float(self.optimizer.beta_2)
         return momentum + (grads - momentum) * (1.0 - beta_1), velocity + (tf.square(grads) - velocity) * (1.0 - beta_2)
 
-    def candidates(self, variable: Any, task_gradients: TaskGradients) -> tf.Tensor:
+    def candidates(self, variable: Any, task_gradients: TaskGradients) -> Candidates:
         step_size, epsilon = self._step_size()
         momentum, velocity = self._moments(variable, task_gradients, task_gradients.values)
         # Padding rows have a zero gradient but not zero moments: they must not count in D.
         candidates = step_size * momentum / (tf.sqrt(velocity) + epsilon)
-        return tf.stack([task_gradients.mask(candidate) for candidate in tf.unstack(candidates)])
+        return Candidates(
+            tf.stack([task_gradients.mask(candidate) for candidate in tf.unstack(candidates)]),
+            tf.ones([]),
+            tf.reduce_all(tf.math.is_finite(task_gradients.values)),
+        )
 
-    def commit(self, variable: Any, task_gradients: TaskGradients, delta: tf.Tensor, grad: tf.Tensor) -> tf.Operation:
+    def commit(
+        self, variable: Any, task_gradients: TaskGradients, candidates: Candidates, weights: tf.Tensor
+    ) -> tf.Operation:
+        grad = task_gradients.combine(weights)
+        keep = tf.logical_and(candidates.all_finite, tf.reduce_all(tf.math.is_finite(grad)))
         momentum_slot, velocity_slot = self._slots(variable)
         new_momentum, new_velocity = self._moments(variable, task_gradients, grad)
         return tf.group(
-            _add(momentum_slot, task_gradients, new_momentum - _read(momentum_slot, task_gradients)),
-            _add(velocity_slot, task_gradients, new_velocity - _read(velocity_slot, task_gradients)),
-            self._move(variable, task_gradients, delta),
+            _add(momentum_slot, task_gradients, new_momentum - _read(momentum_slot, task_gradients), keep),
+            _add(velocity_slot, task_gradients, new_velocity - _read(velocity_slot, task_gradients), keep),
+            _add(variable, task_gradients, -candidates.move(weights), keep),
         )
 
 
-class AdagradRule(UpdateRule):
-    """The scaled Adagrad of `tfrs_clippy.optimizers` (plain, Clippy, GC, AGC, LAMB): d_i from `core`."""
+class _RuleOnMove:
+    """The optimizer's scaling rule judging the balanced move instead of the step it is called in ("combined").
 
-    def _step(self, variable: Any, task_gradients: TaskGradients, grad: tf.Tensor) -> core.StepResult:
+    Passed as the rule of the step on the combined gradient, it is called with that step's `StepInputs` and hands
+    the optimizer's rule the same gradient, weights and preconditioner with the move as the update (move / lr as
+    the direction), so that the scale bounds what is applied. It keeps what the rule saw (`inputs`), from which the
+    exported clipping factor is taken.
+    """
+
+    def __init__(self, rule: ScalingRule, move: tf.Tensor, learning_rate: tf.Tensor) -> None:
+        self.rule = rule
+        self.move = move
+        self.learning_rate = learning_rate
+        self.inputs: Optional[StepInputs] = None
+
+    def __call__(self, step: StepInputs, reduce_axes: Sequence[int]) -> tf.Tensor:
+        move = tf.cast(self.move, step.update.dtype)
+        direction = tf.math.divide_no_nan(move, tf.cast(self.learning_rate, move.dtype))
+        self.inputs = step._replace(update=move, direction=direction)
+        return self.rule(self.inputs, reduce_axes)
+
+
+class ScaledRule(UpdateRule):
+    """The rules of the `tfrs_clippy.optimizers` families (`ScaledOptimizer`): the optimizer's step function on
+    tensors, its per-variable scaling (`scaling_for`) applied as `clip` says, its state from `slots_of`, and its
+    non-finite skipping and counting. A family says which slots a step reads (`slot_names`), how a step runs
+    (`_step`) and what it adds to the slots (`_increments`).
+
+    With clip="per_task", the combined step that advances the state is the optimizer's own, scaling rule included
+    (which only Adagrad's "delayed_clipped" accumulator reads); its move is discarded for sum_i alpha_i d_i. The
+    exported clipping factor is then the smallest of the candidates' factors; with "combined", the move's.
+    """
+
+    slot_names: tuple[str, ...] = ()
+    """The fields of the optimizer's slots (`slots_of`) that a step reads and advances (None fields are skipped)."""
+
+    @abc.abstractmethod
+    def _step(
+        self,
+        task_gradients: TaskGradients,
+        grad: tf.Tensor,
+        value: tf.Tensor,
+        state: dict[str, tf.Tensor],
+        rule: Optional[ScalingRule],
+        clipping_axis: Optional[int],
+    ) -> Any:
+        """The family's step result (`core.StepResult`, `adam_core.AdamStepResult`) on `grad` from `value` (the
+        variable, or its touched rows) and `state` (the slots of `slot_names`, read like `value`)."""
+
+    @abc.abstractmethod
+    def _increments(self, state: dict[str, tf.Tensor], result: Any) -> dict[str, tf.Tensor]:
+        """What the step `result` adds to each slot of `state`."""
+
+    def _read_all(self, variable: Any, task_gradients: TaskGradients) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
+        slots = self.optimizer.slots_of(variable)
+        state = {
+            name: _read(getattr(slots, name), task_gradients)
+            for name in self.slot_names
+            if getattr(slots, name) is not None
+        }
+        return _read(variable, task_gradients), state
+
+    def candidates(self, variable: Any, task_gradients: TaskGradients) -> Candidates:
+        rule, clipping_axis = self.optimizer.scaling_for(variable, task_gradients.sparse)
+        if self.clip == "combined":
+            rule = None  # `commit` applies it, once, to the balanced move
+        value, state = self._read_all(variable, task_gradients)
+        # One step per task: a scaling rule reduces over the whole tensor, which must not mix tasks.
+        steps = [
+            self._step(task_gradients, grad, value, state, rule, clipping_axis)
+            for grad in tf.unstack(task_gradients.values)
+        ]
+        return Candidates(
+            tf.stack([step.delta for step in steps]),
+            tf.reduce_min(tf.stack([step.smallest_scale for step in steps])),
+            tf.reduce_all(tf.stack([step.all_finite for step in steps])),
+        )
+
+    def commit(
+        self, variable: Any, task_gradients: TaskGradients, candidates: Candidates, weights: tf.Tensor
+    ) -> tf.Operation:
         optimizer = self.optimizer
         rule, clipping_axis = optimizer.scaling_for(variable, task_gradients.sparse)
+        value, state = self._read_all(variable, task_gradients)
+        move = candidates.move(weights)
+        grad = task_gradients.combine(weights)
+        if self.clip == "combined" and rule is not None:
+            on_move = _RuleOnMove(rule, move, current_learning_rate(optimizer))
+            result = self._step(task_gradients, grad, value, state, on_move, clipping_axis)
+            delta = move * result.scale
+            smallest_scale = core.smallest_moving_scale(rule, result.scale, on_move.inputs, clipping_axis)
+        else:
+            result = self._step(task_gradients, grad, value, state, rule, clipping_axis)
+            delta, smallest_scale = move, candidates.smallest_scale
+        keep = tf.logical_and(candidates.all_finite, result.all_finite)
+        slots = optimizer.slots_of(variable)
+        return tf.group(
+            *[
+                _add(getattr(slots, name), task_gradients, increment, keep)
+                for name, increment in self._increments(state, result).items()
+            ],
+            _add(variable, task_gradients, -delta, keep),
+            *core.record_step(slots, result._replace(smallest_scale=smallest_scale, all_finite=keep)),
+        )
+
+
+class AdagradRule(ScaledRule):
+    """The Adagrad family of `tfrs_clippy.optimizers` (plain, Clippy, GC, AGC, LAMB): d_i from `core`."""
+
+    slot_names = ("accumulator",)
+
+    def _step(self, task_gradients, grad, value, state, rule, clipping_axis) -> core.StepResult:
+        optimizer = self.optimizer
         return core.scaled_adagrad_step(
             grad,
-            _read(variable, task_gradients),
-            _read(optimizer.accumulator(variable), task_gradients),
+            value,
+            state["accumulator"],
             current_learning_rate(optimizer),
             epsilon=optimizer.epsilon,
             accumulator_update=optimizer.accumulator_update,
@@ -222,30 +395,64 @@ class AdagradRule(UpdateRule):
             clipping_axis=clipping_axis,
         )
 
-    def candidates(self, variable: Any, task_gradients: TaskGradients) -> tf.Tensor:
-        # One call per task: a scaling rule reduces over the whole tensor, which must not mix tasks.
-        grads = tf.unstack(task_gradients.values)
-        return tf.stack([self._step(variable, task_gradients, grad).delta for grad in grads])
+    def _increments(self, state, result: core.StepResult) -> dict[str, tf.Tensor]:
+        return {"accumulator": result.accumulator_increment}
 
-    def commit(self, variable: Any, task_gradients: TaskGradients, delta: tf.Tensor, grad: tf.Tensor) -> tf.Operation:
-        increment = self._step(variable, task_gradients, grad).accumulator_increment
-        return tf.group(
-            _add(self.optimizer.accumulator(variable), task_gradients, increment),
-            self._move(variable, task_gradients, delta),
+
+class ScaledAdamRule(ScaledRule):
+    """The Adam family of `tfrs_clippy.optimizers` (`Adam`, `ClippyAdam`, the GC, AGC and LAMB Adams): d_i from
+    `adam_core`, at the optimizer's step t = iterations + 1; with amsgrad, v_hat is read and advanced too.
+
+    Sparse tables: PUB's step is lazy whatever the optimizer's `sparse_updates` (as `AdamRule`'s for Keras's
+    Adam): only the touched rows' weights and moments change, and the rule's scale is taken over them (as
+    `sparse_updates="lazy"` does). With "dense" every row coasts on its momentum, so every candidate would be
+    table-sized and share the same beta_1 m term on every untouched row: K full-table steps per step, and a
+    D D^T dominated by the momentum all tasks share rather than by what the tasks' gradients ask for.
+    """
+
+    slot_names = ("momentum", "velocity", "velocity_hat")
+
+    def _step(self, task_gradients, grad, value, state, rule, clipping_axis) -> adam_core.AdamStepResult:
+        optimizer = self.optimizer
+        return adam_core.scaled_adam_step(
+            grad,
+            value,
+            state["momentum"],
+            state["velocity"],
+            state.get("velocity_hat"),
+            current_learning_rate(optimizer),
+            tf.convert_to_tensor(optimizer.iterations) + 1,
+            beta_1=optimizer.beta_1,
+            beta_2=optimizer.beta_2,
+            epsilon=optimizer.epsilon,
+            rule=rule,
+            clipping_axis=clipping_axis,
+            # Padding rows have a zero gradient but not zero moments: they must not move, nor limit the scale.
+            moving=None if task_gradients.valid is None else task_gradients.valid > 0,
         )
 
+    def _increments(self, state, result: adam_core.AdamStepResult) -> dict[str, tf.Tensor]:
+        new = {"momentum": result.momentum, "velocity": result.velocity, "velocity_hat": result.velocity_hat}
+        return {name: new[name] - old for name, old in state.items()}
 
-def update_rule_for(optimizer: Any) -> UpdateRule:
-    """The `UpdateRule` of `optimizer`: Keras's Adam, or an optimizer of `tfrs_clippy.optimizers`.
+
+def update_rule_for(optimizer: Any, clip: str = "per_task") -> UpdateRule:
+    """The `UpdateRule` of `optimizer`: an optimizer of `tfrs_clippy.optimizers`, or Keras's Adam.
+
+    Args:
+        optimizer: The base optimizer.
+        clip: One of `CLIP_MODES` (the module docstring).
 
     Raises:
-        ValueError: the optimizer is of another class, or sets an option in `UNSUPPORTED_OPTIMIZER_OPTIONS`.
+        ValueError: the optimizer is of another class or sets an option its rule refuses, or an invalid `clip`.
     """
     if isinstance(optimizer, ScaledAdagrad):
-        return AdagradRule(optimizer)
+        return AdagradRule(optimizer, clip)
+    if isinstance(optimizer, ScaledAdam):
+        return ScaledAdamRule(optimizer, clip)
     if isinstance(optimizer, keras.optimizers.Adam):
-        return AdamRule(optimizer)
+        return AdamRule(optimizer, clip)
     raise ValueError(
         f"Parameter update balancing needs Adam or an optimizer of tfrs_clippy.optimizers (Adagrad, "
-        f"ClippyAdagrad, ...), got {type(optimizer).__name__}."
+        f"ClippyAdagrad, Adam, ClippyAdam, ...), got {type(optimizer).__name__}."
     )
