@@ -42,9 +42,8 @@ import sys
 import time
 from typing import Callable
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from experiments.records import REPOSITORY as REPO
+from experiments.records import commit
 
 DENSE_REFERENCE = "fused kernel (ResourceApplyAdagradV2)"
 SPARSE_REFERENCE = "fused kernel + dedup (ResourceSparseApplyAdagradV2)"
@@ -430,14 +429,6 @@ def markdown(meta: dict, records: list[dict], target_rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -449,7 +440,7 @@ def main(argv=None) -> None:
     records = run_runtime("keras2", argv) + run_runtime("keras3", argv)
     import tensorflow as tf  # only for its version string, after the workers
 
-    meta = dict(command=" ".join(["python", "scripts/bench_optimizer.py", *map(shlex.quote, argv)]), commit=_commit(),
+    meta = dict(command=" ".join(["python", "scripts/bench_optimizer.py", *map(shlex.quote, argv)]), commit=commit(),
                 tensorflow=tf.__version__, cpus=os.cpu_count(), load_before=load_before,
                 load_after=[round(x, 2) for x in os.getloadavg()], seconds=time.time() - started)
     target_rows = targets(records)
