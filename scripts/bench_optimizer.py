@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.metadata
 import json
 import os
 import pathlib
@@ -369,8 +370,11 @@ def run_runtime(runtime: str, argv: list[str]) -> list[dict]:
     if process.returncode != 0:
         raise RuntimeError(f"the {runtime} worker failed:\n{process.stderr[-3000:]}")
     for r in records:
-        print(f"[bench] {runtime:6s} {r['group']:22s} {r['variant']:52s} {r['ms']:9.2f} ms  x{r['ratio']:.2f}",
-              flush=True)
+        if r["group"] == "memory":
+            print(f"[bench] {runtime:6s} peak resident memory {r['peak_rss_bytes'] / 2**30:.1f} GiB", flush=True)
+        else:
+            print(f"[bench] {runtime:6s} {r['group']:22s} {r['variant']:52s} {r['ms']:9.2f} ms  x{r['ratio']:.2f}",
+                  flush=True)
     return records
 
 
@@ -438,10 +442,8 @@ def main(argv=None) -> None:
     started = time.time()
     load_before = [round(x, 2) for x in os.getloadavg()]
     records = run_runtime("keras2", argv) + run_runtime("keras3", argv)
-    import tensorflow as tf  # only for its version string, after the workers
-
     meta = dict(command=" ".join(["python", "scripts/bench_optimizer.py", *map(shlex.quote, argv)]), commit=commit(),
-                tensorflow=tf.__version__, cpus=os.cpu_count(), load_before=load_before,
+                tensorflow=importlib.metadata.version("tensorflow"), cpus=os.cpu_count(), load_before=load_before,
                 load_after=[round(x, 2) for x in os.getloadavg()], seconds=time.time() - started)
     target_rows = targets(records)
     text = markdown(meta, records, target_rows)
