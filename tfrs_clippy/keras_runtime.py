@@ -53,3 +53,27 @@ def _load_keras() -> types.ModuleType:
 
 keras: types.ModuleType = _load_keras()
 """The Keras module of this process: `tf_keras` under Keras 2, `keras` under Keras 3."""
+
+BACKEND: str = "tensorflow" if LEGACY_KERAS else keras.backend.backend()
+"""The backend the optimizers compute on: TensorFlow under Keras 2, Keras 3's `KERAS_BACKEND` otherwise."""
+
+TRAINING_BACKENDS = ("tensorflow", "jax", "torch")
+"""The Keras 3 backends the optimizers train on; "numpy" and "openvino" cannot train."""
+
+
+class UnsupportedBackendError(RuntimeError):
+    """The optimizers were asked to run on a Keras backend they cannot serve."""
+
+
+def check_training_backend(optimizer: str) -> None:
+    """Raises `UnsupportedBackendError`, naming the backend and what to do, unless `BACKEND` can train.
+
+    Args:
+        optimizer: The name of the optimizer being created, for the message.
+    """
+    if BACKEND not in TRAINING_BACKENDS:
+        raise UnsupportedBackendError(
+            f"{optimizer} cannot run on the Keras backend {BACKEND!r}: it trains on {', '.join(TRAINING_BACKENDS)}. "
+            f"Set KERAS_BACKEND to one of them before Keras is first imported (e.g. KERAS_BACKEND=jax); the "
+            f"{BACKEND!r} backend has no training."
+        )

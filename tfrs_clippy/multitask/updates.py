@@ -49,6 +49,7 @@ from tfrs_clippy.optimizers import adam_core, core
 from tfrs_clippy.optimizers.rules import ScalingRule, StepInputs
 from tfrs_clippy.optimizers.scaled_adagrad import ScaledAdagrad
 from tfrs_clippy.optimizers.scaled_adam import ScaledAdam
+from tfrs_clippy.optimizers.tensor_ops import TF_OPS, TensorOps
 
 Gradient = tf.Tensor | tf.IndexedSlices | None
 
@@ -286,11 +287,11 @@ class _RuleOnMove:
         self.learning_rate = learning_rate
         self.inputs: Optional[StepInputs] = None
 
-    def __call__(self, step: StepInputs, reduce_axes: Sequence[int]) -> tf.Tensor:
-        move = tf.cast(self.move, step.update.dtype)
-        direction = tf.math.divide_no_nan(move, tf.cast(self.learning_rate, move.dtype))
+    def __call__(self, step: StepInputs, reduce_axes: Sequence[int], ops: TensorOps = TF_OPS) -> tf.Tensor:
+        move = ops.cast(self.move, step.update.dtype)
+        direction = ops.divide_no_nan(move, ops.cast(self.learning_rate, move.dtype))
         self.inputs = step._replace(update=move, direction=direction)
-        return self.rule(self.inputs, reduce_axes)
+        return self.rule(self.inputs, reduce_axes, ops)
 
 
 class ScaledRule(UpdateRule):

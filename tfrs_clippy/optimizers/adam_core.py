@@ -1,4 +1,4 @@
-"""Adam with a per-variable scaling rule, in pure TensorFlow (no Keras): the Adam counterpart of `core`.
+"""Adam with a per-variable scaling rule, its math and TensorFlow paths (no Keras): the Adam counterpart of `core`.
 
 Keras's Adam, with its epsilon convention (epsilon outside the square root, bias correction folded into the rate):
 
@@ -31,6 +31,7 @@ import tensorflow as tf
 
 from tfrs_clippy.optimizers import core
 from tfrs_clippy.optimizers.rules import ScalingRule, StepInputs
+from tfrs_clippy.optimizers.tensor_ops import TF_OPS, TensorOps
 
 SPARSE_UPDATES = ("dense", "lazy")
 
@@ -73,6 +74,7 @@ def scaled_adam_step(
     rule: Optional[ScalingRule],
     clipping_axis: Optional[int] = None,
     moving: Optional[tf.Tensor] = None,
+    ops: TensorOps = TF_OPS,
 ) -> AdamStepResult:
     """Computes one scaled Adam step on tensors (a whole variable, or its touched rows).
 
@@ -88,45 +90,48 @@ def scaled_adam_step(
         clipping_axis: None for one scale per tensor, or the axis whose slices get a scale each.
         moving: Optional bool vector along axis 0: rows that may move (False rows get u = 0, which puts no limit
             on sigma). Used for the padding rows of a deduplicated sparse gradient.
+        ops: The tensor operations to compute with (`tensor_ops`: TensorFlow's, or `keras.ops`).
 
     Returns:
         An `AdamStepResult`; the caller commits it only when `all_finite`.
     """
     dtype = momentum.dtype
-    grad = tf.cast(grad, dtype)
-    variable = tf.cast(variable, dtype)
-    learning_rate = tf.cast(learning_rate, dtype)
-    t = tf.cast(step, dtype)
-    momentum_correction = 1 - tf.pow(tf.constant(beta_1, dtype), t)
-    velocity_correction = tf.sqrt(1 - tf.pow(tf.constant(beta_2, dtype), t))
+    grad = ops.cast(grad, dtype)
+    variable = ops.cast(variable, dtype)
+    learning_rate = ops.cast(learning_rate, dtype)
+    t = ops.cast(step, dtype)
+    momentum_correction = 1 - ops.power(ops.full_like(t, beta_1), t)
+    velocity_correction = ops.sqrt(1 - ops.power(ops.full_like(t, beta_2), t))
     alpha = learning_rate * velocity_correction / momentum_correction
     new_momentum = momentum + (grad - momentum) * (1 - beta_1)
-    new_velocity = velocity + (tf.square(grad) - velocity) * (1 - beta_2)
-    new_velocity_hat = None if velocity_hat is None else tf.maximum(velocity_hat, new_velocity)
-    denominator = tf.sqrt(new_velocity if new_velocity_hat is None else new_velocity_hat) + epsilon
+    new_velocity = velocity + (ops.square(grad) - velocity) * (1 - beta_2)
+    new_velocity_hat = None if velocity_hat is None else ops.maximum(velocity_hat, new_velocity)
+    denominator = ops.sqrt(new_velocity if new_velocity_hat is None else new_velocity_hat) + epsilon
     update = (new_momentum * alpha) / denominator  # Keras's order of operations
     if moving is not None:
-        mask = tf.reshape(moving, [-1] + [1] * (grad.shape.rank - 1))
-        update = tf.where(mask, update, tf.zeros_like(update))
+        mask = ops.reshape(moving, [-1] + [1] * (len(grad.shape) - 1))
+        update = ops.where(mask, update, ops.zeros_like(update))
     precondition = velocity_correction / denominator
     inputs = StepInputs(grad=grad, variable=variable, precondition=precondition,
                         direction=new_momentum / momentum_correction * precondition, update=update)
-    scale = core.apply_rule(rule, inputs, clipping_axis)
-    all_finite = tf.reduce_all(tf.math.is_finite(grad))
+    scale = core.apply_rule(rule, inputs, clipping_axis, ops)
+    all_finite = ops.all(ops.is_finite(grad))
     return AdamStepResult(update * scale, new_momentum, new_velocity, new_velocity_hat, scale,
-                          core.smallest_moving_scale(rule, scale, inputs, clipping_axis), all_finite)
+                          core.smallest_moving_scale(rule, scale, inputs, clipping_axis, ops), all_finite)
 
 
-def next_dense_values(grad, variable, learning_rate, step, momentum, velocity, velocity_hat=None, **options):
+def next_dense_values(grad, variable, learning_rate, step, momentum, velocity, velocity_hat=None, ops=TF_OPS,
+                      **options):
     """(variable, m, v, v_hat, result) after one dense step; all unchanged where the gradient was not finite."""
-    result = scaled_adam_step(grad, variable, momentum, velocity, velocity_hat, learning_rate, step, **options)
+    result = scaled_adam_step(grad, variable, momentum, velocity, velocity_hat, learning_rate, step, ops=ops,
+                              **options)
     keep = result.all_finite
-    new_variable = tf.cast(tf.cast(variable, result.delta.dtype) - result.delta, variable.dtype)
-    new_velocity_hat = None if velocity_hat is None else tf.where(keep, result.velocity_hat, velocity_hat)
+    new_variable = ops.cast(ops.cast(variable, result.delta.dtype) - result.delta, variable.dtype)
+    new_velocity_hat = None if velocity_hat is None else ops.where(keep, result.velocity_hat, velocity_hat)
     return (
-        tf.where(keep, new_variable, variable),
-        tf.where(keep, result.momentum, momentum),
-        tf.where(keep, result.velocity, velocity),
+        ops.where(keep, new_variable, variable),
+        ops.where(keep, result.momentum, momentum),
+        ops.where(keep, result.velocity, velocity),
         new_velocity_hat,
         result,
     )

@@ -1,4 +1,4 @@
-"""Adagrad with a per-variable scaling rule, in pure TensorFlow (no Keras).
+"""Adagrad with a per-variable scaling rule: its math, and the TensorFlow paths that apply it (no Keras).
 
 Every method of the Clippy paper is Adagrad whose update is multiplied by a scale in [0, 1]:
 
@@ -7,7 +7,9 @@ Every method of the Clippy paper is Adagrad whose update is multiplied by a scal
 where the methods differ only in how sigma is computed (a `rules.ScalingRule`). This module holds that one Adagrad
 core (`scaled_adagrad_step`, on plain tensors), the two ways to apply it to variables: dense (`apply_dense`) and
 sparse (`apply_sparse`, touched rows only), and what `adam_core` shares with it (`deduplicate`, `record_step`,
-`call_compiled`). The Adagrad optimizers call these functions and nothing else.
+`call_compiled`). The Adagrad optimizers call these functions and nothing else. The step's formulas
+(`scaled_adagrad_step`, `next_dense_values`) take a `tensor_ops.TensorOps`: TensorFlow's by default, `keras.ops` on
+Keras 3's JAX and PyTorch backends (`keras_ops_steps`).
 
 Speed: when sigma is a minimum over coordinates (no rule, or Clippy's rule per tensor, the common case), the
 dense XLA step reduces it in cache-sized chunks before one elementwise pass writes both results
@@ -25,9 +27,10 @@ import math
 from typing import Any, Callable, NamedTuple, Optional
 
 import tensorflow as tf
-from tensorflow.python.ops import control_flow_util  # pylint: disable=g-direct-tensorflow-import
 
 from tfrs_clippy.optimizers.rules import ClippyRule, ScalingRule, StepInputs, reduce_axes_for
+from tfrs_clippy.optimizers.tensor_ops import TF_OPS, TensorOps
+from tfrs_clippy.xla_context import in_xla_context
 
 ACCUMULATOR_UPDATES = ("delayed", "delayed_clipped", "standard")
 """When and with what the accumulator G is updated.
@@ -48,16 +51,17 @@ class StepResult(NamedTuple):
     all_finite: tf.Tensor  # bool scalar: the gradient had no NaN or Inf
 
 
-def apply_rule(rule: Optional[ScalingRule], step: StepInputs, clipping_axis: Optional[int]) -> tf.Tensor:
+def apply_rule(rule: Optional[ScalingRule], step: StepInputs, clipping_axis: Optional[int],
+               ops: TensorOps = TF_OPS) -> tf.Tensor:
     """sigma of `step` under `rule` (keepdims, one per tensor or slice); ones for no rule (the plain optimizer)."""
-    rank = step.update.shape.rank
+    rank = len(step.update.shape)
     if rule is None:
-        return tf.ones([1] * rank, step.update.dtype)
-    return rule(step, reduce_axes_for(rank, clipping_axis))
+        return ops.ones([1] * rank, step.update.dtype)
+    return rule(step, reduce_axes_for(rank, clipping_axis), ops)
 
 
 def smallest_moving_scale(rule: Optional[ScalingRule], scale: tf.Tensor, step: StepInputs,
-                          clipping_axis: Optional[int]) -> tf.Tensor:
+                          clipping_axis: Optional[int], ops: TensorOps = TF_OPS) -> tf.Tensor:
     """The smallest sigma over the slices that move (1 if none moves): the step's exported clipping factor.
 
     A slice whose update is 0 moves by 0 whatever its sigma, so its sigma says nothing about the step. Counting it
@@ -65,19 +69,20 @@ def smallest_moving_scale(rule: Optional[ScalingRule], scale: tf.Tensor, step: S
     step only the touched ones, and under XLA also `deduplicate`'s padding rows.
     """
     if rule is None:
-        return tf.ones([], scale.dtype)  # and no pass over the update
-    reduce_axes = reduce_axes_for(step.update.shape.rank, clipping_axis)
-    moves = tf.reduce_any(step.update != 0.0, axis=reduce_axes, keepdims=True)
-    moving_scales = tf.where(moves, scale, tf.constant(float("inf"), scale.dtype))
-    return tf.where(tf.reduce_any(moves), tf.reduce_min(moving_scales), tf.ones([], scale.dtype))
+        return ops.ones([], scale.dtype)  # and no pass over the update
+    reduce_axes = reduce_axes_for(len(step.update.shape), clipping_axis)
+    moves = ops.any(step.update != 0.0, axis=reduce_axes, keepdims=True)
+    moving_scales = ops.where(moves, scale, ops.full_like(scale, float("inf")))
+    return ops.where(ops.any(moves), ops.min(moving_scales), ops.ones([], scale.dtype))
 
 
 def adagrad_step_inputs(grad: tf.Tensor, squared_grad: tf.Tensor, variable: tf.Tensor, accumulator: tf.Tensor,
-                        learning_rate: tf.Tensor, epsilon: float, accumulator_update: str) -> StepInputs:
+                        learning_rate: tf.Tensor, epsilon: float, accumulator_update: str,
+                        ops: TensorOps = TF_OPS) -> StepInputs:
     """Adagrad's unscaled step as a rule sees it: p = 1 / sqrt(G + epsilon) (G with g^2 first in the standard
     order), direction g * p, update lr * g * p; all tensors in the accumulator's dtype."""
     denominator_accumulator = accumulator + squared_grad if accumulator_update == "standard" else accumulator
-    precondition = tf.math.rsqrt(denominator_accumulator + epsilon)
+    precondition = ops.rsqrt(denominator_accumulator + epsilon)
     update = learning_rate * grad * precondition
     return StepInputs(grad=grad, variable=variable, precondition=precondition, direction=grad * precondition,
                       update=update)
@@ -93,6 +98,7 @@ def scaled_adagrad_step(
     accumulator_update: str,
     rule: Optional[ScalingRule],
     clipping_axis: Optional[int] = None,
+    ops: TensorOps = TF_OPS,
 ) -> StepResult:
     """Computes one scaled Adagrad step on tensors (a whole variable, or its touched rows).
 
@@ -105,23 +111,25 @@ def scaled_adagrad_step(
         accumulator_update: One of `ACCUMULATOR_UPDATES`.
         rule: The scaling rule; None for plain Adagrad (sigma = 1).
         clipping_axis: None for one scale per tensor, or the axis whose slices get a scale each.
+        ops: The tensor operations to compute with (`tensor_ops`: TensorFlow's, or `keras.ops`).
 
     Returns:
         A `StepResult`; the caller commits it only when `all_finite`.
     """
     compute_dtype = accumulator.dtype  # float32, or float64 for float64 variables
-    grad = tf.cast(grad, compute_dtype)
-    variable = tf.cast(variable, compute_dtype)
-    learning_rate = tf.cast(learning_rate, compute_dtype)
-    squared_grad = tf.square(grad)
-    step = adagrad_step_inputs(grad, squared_grad, variable, accumulator, learning_rate, epsilon, accumulator_update)
-    scale = apply_rule(rule, step, clipping_axis)
+    grad = ops.cast(grad, compute_dtype)
+    variable = ops.cast(variable, compute_dtype)
+    learning_rate = ops.cast(learning_rate, compute_dtype)
+    squared_grad = ops.square(grad)
+    step = adagrad_step_inputs(grad, squared_grad, variable, accumulator, learning_rate, epsilon, accumulator_update,
+                               ops)
+    scale = apply_rule(rule, step, clipping_axis, ops)
     if accumulator_update == "delayed_clipped":
-        accumulator_increment = tf.square(grad * scale)
+        accumulator_increment = ops.square(grad * scale)
     else:
         accumulator_increment = squared_grad
-    all_finite = tf.reduce_all(tf.math.is_finite(grad))
-    smallest_scale = smallest_moving_scale(rule, scale, step, clipping_axis)
+    all_finite = ops.all(ops.is_finite(grad))
+    smallest_scale = smallest_moving_scale(rule, scale, step, clipping_axis, ops)
     return StepResult(step.update * scale, accumulator_increment, scale, smallest_scale, all_finite)
 
 
@@ -233,6 +241,7 @@ def next_dense_values(
     variable: tf.Tensor,
     accumulator: tf.Tensor,
     learning_rate: tf.Tensor,
+    ops: TensorOps = TF_OPS,
     **options,
 ) -> tuple[tf.Tensor, tf.Tensor, _Outcome]:
     """The variable's and accumulator's values after one step; unchanged where the gradient was not finite.
@@ -240,15 +249,17 @@ def next_dense_values(
     Selecting instead of branching lets XLA fuse everything into two passes (one to reduce the scale, one to write
     both results); the results are then assigned, not added, so no further pass reads them. Under XLA, a step
     whose sigma is a minimum (no rule, or Clippy's per tensor) reduces it in cache-sized chunks
-    (`_chunked_scale`), with the same formulas: the results agree to the bit in the scale.
+    (`_chunked_scale`), with the same formulas: the results agree to the bit in the scale. With `ops` other than
+    TensorFlow's (Keras 3 on JAX or PyTorch) the backend's compiler does the fusing.
     """
-    if _in_xla_context() and _has_fast_scale(options.get("rule"), options.get("clipping_axis"), grad.shape.rank):
+    if ops is TF_OPS and in_xla_context() and _has_fast_scale(options.get("rule"), options.get("clipping_axis"),
+                                                                 len(grad.shape)):
         options = {k: v for k, v in options.items() if k != "clipping_axis"}
         return _two_pass_dense_values(grad, variable, accumulator, learning_rate, **options)
-    result = scaled_adagrad_step(grad, variable, accumulator, learning_rate, **options)
-    new_variable = tf.cast(tf.cast(variable, result.delta.dtype) - result.delta, variable.dtype)
-    new_variable = tf.where(result.all_finite, new_variable, variable)
-    new_accumulator = tf.where(result.all_finite, accumulator + result.accumulator_increment, accumulator)
+    result = scaled_adagrad_step(grad, variable, accumulator, learning_rate, ops=ops, **options)
+    new_variable = ops.cast(ops.cast(variable, result.delta.dtype) - result.delta, variable.dtype)
+    new_variable = ops.where(result.all_finite, new_variable, variable)
+    new_accumulator = ops.where(result.all_finite, accumulator + result.accumulator_increment, accumulator)
     return new_variable, new_accumulator, _Outcome(result.smallest_scale, result.all_finite)
 
 
@@ -306,11 +317,6 @@ def apply_dense(
                      *record_step(slots, result)])
 
 
-def _in_xla_context() -> bool:
-    """Whether the graph being traced is compiled by XLA (`jit_compile=True`), which needs static shapes."""
-    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
-
-
 def deduplicate(grad: tf.IndexedSlices) -> tf.IndexedSlices:
     """Sums the values of repeated indices; the result's indices are distinct and sorted.
 
@@ -329,7 +335,7 @@ def deduplicate(grad: tf.IndexedSlices) -> tf.IndexedSlices:
     indices = tf.tensor_scatter_nd_update(
         tf.zeros_like(grad.indices), tf.expand_dims(segment, 1), sorted_indices
     )
-    if not _in_xla_context():
+    if not in_xla_context():
         num_distinct = tf.reduce_sum(tf.cast(is_first, tf.int32))
         values, indices = values[:num_distinct], indices[:num_distinct]
     return tf.IndexedSlices(values, indices, grad.dense_shape)
@@ -412,7 +418,7 @@ def apply_sparse(
     """
     options = dict(epsilon=epsilon, accumulator_update=accumulator_update, rule=rule, clipping_axis=clipping_axis)
     learning_rate = tf.convert_to_tensor(learning_rate)
-    if not _in_xla_context() and _has_fast_scale(rule, clipping_axis, variable.shape.rank):
+    if not in_xla_context() and _has_fast_scale(rule, clipping_axis, variable.shape.rank):
         values, indices, _ = _bucketed_unique(grad)
         table = _tf_variable(variable)
         compiled = _fused_sparse_rows_step(variable_dtype=tf.as_dtype(getattr(table, "true_dtype", table.dtype)),

@@ -1,4 +1,10 @@
-"""The runtime base of every `tfrs_clippy` optimizer on Keras 3 (`keras.optimizers.Optimizer`, TensorFlow backend)."""
+"""The runtime base of every `tfrs_clippy` optimizer on Keras 3 (`keras.optimizers.Optimizer`), on any backend.
+
+On the TensorFlow backend the slots are TensorFlow variables colocated with their model variable (what `core`
+writes, under every `tf.distribute` strategy); on JAX and PyTorch they are Keras variables, which the
+backend-neutral step (`keras_ops_steps`) writes through `Optimizer.assign`, so that JAX's stateless train step sees
+them.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +13,15 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from tfrs_clippy.keras_runtime import BACKEND, check_training_backend
 from tfrs_clippy.optimizers.variable_names import variable_name
 
 
 def _filled(value: float):
     """An initializer exact in any dtype (Keras's Constant rounds through float32 first)."""
-    return lambda shape, dtype=None: tf.fill(shape, tf.constant(value, dtype))
+    if BACKEND == "tensorflow":
+        return lambda shape, dtype=None: tf.fill(shape, tf.constant(value, dtype))
+    return lambda shape, dtype=None: keras.ops.full(shape, value, dtype=dtype)
 
 
 class RuntimeOptimizer(keras.optimizers.Optimizer):
@@ -20,6 +29,7 @@ class RuntimeOptimizer(keras.optimizers.Optimizer):
     rest, through `_build_slots` (called once with every variable) and `_run_step`."""
 
     def _init_keras_base(self, learning_rate: Any, name: str, kwargs: dict) -> None:
+        check_training_backend(type(self).__name__)
         keras.optimizers.Optimizer.__init__(self, learning_rate=learning_rate, name=name, **kwargs)
 
     def _build_slots(self, var_list) -> None:
@@ -34,10 +44,14 @@ class RuntimeOptimizer(keras.optimizers.Optimizer):
         super().build(var_list)
         self._build_slots(var_list)
 
-    def _add_colocated(self, variable, name: str, shape, dtype: tf.DType, initializer) -> tf.Variable:
-        """Adds an optimizer variable beside `variable` and returns its TensorFlow variable (which `core` writes)."""
-        reference = variable.value if isinstance(variable, keras.Variable) else variable
+    def _add_colocated(self, variable, name: str, shape, dtype: tf.DType, initializer):
+        """Adds an optimizer variable beside `variable`; returns its TensorFlow variable (which `core` writes) on
+        the TensorFlow backend, the Keras variable on the others."""
         prefix = variable_name(variable).replace("/", "_").replace(":", "_")
+        if BACKEND != "tensorflow":
+            return self.add_variable(shape=shape, initializer=initializer, dtype=tf.as_dtype(dtype).name,
+                                     name=f"{prefix}_{name}")
+        reference = variable.value if isinstance(variable, keras.Variable) else variable
         with self._distribution_strategy.extended.colocate_vars_with(reference):
             slot = self.add_variable(shape=shape, initializer=initializer, dtype=dtype, name=f"{prefix}_{name}")
         return slot.value

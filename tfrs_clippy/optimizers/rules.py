@@ -3,7 +3,9 @@
 A base optimizer (Adagrad in `core`, Adam in `adam_core`) computes an unscaled step u = lr * d, where d is its
 direction (Adagrad: g / sqrt(G + epsilon); Adam: m_hat / (sqrt(v_hat) + epsilon)), and moves the weights by
 sigma * u. A rule maps the step to sigma, one value per tensor or per slice. Rules are pure functions of a
-`StepInputs`: they can be tested alone, and the same rule serves every base optimizer.
+`StepInputs`: they can be tested alone, and the same rule serves every base optimizer. They compute with the
+`tensor_ops.TensorOps` they are given (TensorFlow's by default, `keras.ops` on Keras 3's JAX and PyTorch
+backends), so each formula is written once for every backend.
 
 >>> rule = ClippyRule(variable_relative_threshold=0.1, accumulator_relative_threshold=0.0, absolute_threshold=0.01)
 >>> step = StepInputs(grad=tf.constant([4.0, -1.0]), variable=tf.constant([0.1, 5.0]), precondition=tf.ones(2),
@@ -20,6 +22,8 @@ from typing import NamedTuple, Optional, Protocol, Sequence
 
 import tensorflow as tf
 
+from tfrs_clippy.optimizers.tensor_ops import TF_OPS, TensorOps
+
 
 class StepInputs(NamedTuple):
     """What a scaling rule may look at, all in the optimizer state's dtype (float32, or float64) and of the
@@ -35,7 +39,7 @@ class StepInputs(NamedTuple):
 class ScalingRule(Protocol):
     """Maps a step to its scale sigma: a scalar, or one value per slice when `reduce_axes` is narrower."""
 
-    def __call__(self, step: StepInputs, reduce_axes: Sequence[int]) -> tf.Tensor:
+    def __call__(self, step: StepInputs, reduce_axes: Sequence[int], ops: TensorOps = TF_OPS) -> tf.Tensor:
         ...
 
 
@@ -47,15 +51,15 @@ def reduce_axes_for(rank: int, clipping_axis: Optional[int]) -> list[int]:
     return [a for a in range(rank) if a != axis]
 
 
-def _scaled_term(threshold: float, reference: tf.Tensor) -> tf.Tensor:
+def _scaled_term(threshold: float, reference: tf.Tensor, ops: TensorOps) -> tf.Tensor:
     """threshold * reference, where an infinite threshold means "no limit" (inf) but still 0 for a 0 reference."""
     if math.isinf(threshold):
-        return tf.where(reference > 0, tf.constant(math.inf, reference.dtype), tf.zeros_like(reference))
+        return ops.where(reference > 0, ops.full_like(reference, math.inf), ops.zeros_like(reference))
     return threshold * reference
 
 
-def _norm(tensor: tf.Tensor, reduce_axes: Sequence[int]) -> tf.Tensor:
-    return tf.sqrt(tf.reduce_sum(tf.square(tensor), axis=reduce_axes, keepdims=True))
+def _norm(tensor: tf.Tensor, reduce_axes: Sequence[int], ops: TensorOps) -> tf.Tensor:
+    return ops.sqrt(ops.sum(ops.square(tensor), axis=reduce_axes, keepdims=True))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,19 +76,20 @@ class ClippyRule:
     accumulator_relative_threshold: float
     absolute_threshold: float
 
-    def bound(self, step: StepInputs) -> tf.Tensor:
+    def bound(self, step: StepInputs, ops: TensorOps = TF_OPS) -> tf.Tensor:
         """The largest move each coordinate may make."""
         return (
             self.absolute_threshold
-            + _scaled_term(self.variable_relative_threshold, tf.abs(step.variable))
-            + _scaled_term(self.accumulator_relative_threshold, step.precondition)
+            + _scaled_term(self.variable_relative_threshold, ops.abs(step.variable), ops)
+            + _scaled_term(self.accumulator_relative_threshold, step.precondition, ops)
         )
 
-    def __call__(self, step: StepInputs, reduce_axes: Sequence[int]) -> tf.Tensor:
-        magnitude = tf.abs(step.update)
+    def __call__(self, step: StepInputs, reduce_axes: Sequence[int], ops: TensorOps = TF_OPS) -> tf.Tensor:
+        magnitude = ops.abs(step.update)
         # A coordinate that does not move puts no limit on sigma; a zero bound on a moving one forces sigma = 0.
-        ratio = tf.where(magnitude == 0.0, tf.ones_like(magnitude), tf.math.divide_no_nan(self.bound(step), magnitude))
-        return tf.minimum(tf.reduce_min(ratio, axis=reduce_axes, keepdims=True), 1.0)
+        ratio = ops.where(magnitude == 0.0, ops.ones_like(magnitude),
+                          ops.divide_no_nan(self.bound(step, ops), magnitude))
+        return ops.minimum(ops.min(ratio, axis=reduce_axes, keepdims=True), 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,10 +98,10 @@ class GradientClippingRule:
 
     threshold: float
 
-    def __call__(self, step: StepInputs, reduce_axes: Sequence[int]) -> tf.Tensor:
-        grad_norm = _norm(step.grad, reduce_axes)
-        clipped = tf.math.divide_no_nan(tf.cast(self.threshold, grad_norm.dtype), grad_norm)
-        return tf.where(grad_norm > self.threshold, clipped, tf.ones_like(grad_norm))
+    def __call__(self, step: StepInputs, reduce_axes: Sequence[int], ops: TensorOps = TF_OPS) -> tf.Tensor:
+        grad_norm = _norm(step.grad, reduce_axes, ops)
+        clipped = ops.divide_no_nan(ops.full_like(grad_norm, self.threshold), grad_norm)
+        return ops.where(grad_norm > self.threshold, clipped, ops.ones_like(grad_norm))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,10 +115,10 @@ class AdaptiveGradientClippingRule:
     threshold: float
     weight_floor: float = 1e-3
 
-    def __call__(self, step: StepInputs, reduce_axes: Sequence[int]) -> tf.Tensor:
-        grad_norm = _norm(step.grad, reduce_axes)
-        limit = self.threshold * tf.maximum(_norm(step.variable, reduce_axes), self.weight_floor)
-        return tf.where(grad_norm > limit, tf.math.divide_no_nan(limit, grad_norm), tf.ones_like(grad_norm))
+    def __call__(self, step: StepInputs, reduce_axes: Sequence[int], ops: TensorOps = TF_OPS) -> tf.Tensor:
+        grad_norm = _norm(step.grad, reduce_axes, ops)
+        limit = self.threshold * ops.maximum(_norm(step.variable, reduce_axes, ops), self.weight_floor)
+        return ops.where(grad_norm > limit, ops.divide_no_nan(limit, grad_norm), ops.ones_like(grad_norm))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,11 +130,11 @@ class LambRule:
 
     trust_scale: float
 
-    def __call__(self, step: StepInputs, reduce_axes: Sequence[int]) -> tf.Tensor:
-        weight_norm = _norm(step.variable, reduce_axes)
-        direction_norm = _norm(step.direction, reduce_axes)
-        ratio = self.trust_scale * tf.math.divide_no_nan(weight_norm, direction_norm)
-        return tf.where((weight_norm > 0.0) & (direction_norm > 0.0), ratio, tf.ones_like(ratio))
+    def __call__(self, step: StepInputs, reduce_axes: Sequence[int], ops: TensorOps = TF_OPS) -> tf.Tensor:
+        weight_norm = _norm(step.variable, reduce_axes, ops)
+        direction_norm = _norm(step.direction, reduce_axes, ops)
+        ratio = self.trust_scale * ops.divide_no_nan(weight_norm, direction_norm)
+        return ops.where(ops.logical_and(weight_norm > 0.0, direction_norm > 0.0), ratio, ops.ones_like(ratio))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,10 +149,10 @@ class UpdateRmsRule:
 
     threshold: float
 
-    def __call__(self, step: StepInputs, reduce_axes: Sequence[int]) -> tf.Tensor:
+    def __call__(self, step: StepInputs, reduce_axes: Sequence[int], ops: TensorOps = TF_OPS) -> tf.Tensor:
         normalized = step.grad * step.precondition
-        rms = tf.sqrt(tf.reduce_mean(tf.square(normalized), axis=reduce_axes, keepdims=True))
-        return 1.0 / tf.maximum(1.0, rms / self.threshold)
+        rms = ops.sqrt(ops.mean(ops.square(normalized), axis=reduce_axes, keepdims=True))
+        return 1.0 / ops.maximum(1.0, rms / self.threshold)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,9 +161,9 @@ class MinimumRule:
 
     rules: tuple
 
-    def __call__(self, step: StepInputs, reduce_axes: Sequence[int]) -> tf.Tensor:
-        scales = [rule(step, reduce_axes) for rule in self.rules]
+    def __call__(self, step: StepInputs, reduce_axes: Sequence[int], ops: TensorOps = TF_OPS) -> tf.Tensor:
+        scales = [rule(step, reduce_axes, ops) for rule in self.rules]
         smallest = scales[0]
         for scale in scales[1:]:
-            smallest = tf.minimum(smallest, scale)
+            smallest = ops.minimum(smallest, scale)
         return smallest

@@ -13,7 +13,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from tfrs_clippy.optimizers import core
+from tfrs_clippy.keras_runtime import BACKEND
+from tfrs_clippy.optimizers import core, keras_ops_steps
 from tfrs_clippy.optimizers.scaled_optimizer import ScaledOptimizer, check_non_negative, normalize_learning_rate
 
 
@@ -109,11 +110,13 @@ class ScaledAdagrad(ScaledOptimizer):
         return {"accumulator": self._create_tensor_slot(variable, "accumulator", dtype, self.initial_accumulator_value)}
 
     def _apply_step(self, gradient, variable, slots: core.Slots, learning_rate) -> tf.Operation:
-        """The sparse path for `IndexedSlices`, the dense path otherwise."""
+        """The sparse path for `IndexedSlices`, the dense path otherwise; `keras.ops` off TensorFlow."""
         sparse = isinstance(gradient, tf.IndexedSlices)
         rule, clipping_axis = self.scaling_for(variable, sparse)
         options = dict(epsilon=self.epsilon, accumulator_update=self.accumulator_update, rule=rule,
                        clipping_axis=clipping_axis)
+        if BACKEND != "tensorflow":
+            return keras_ops_steps.apply_adagrad(self, variable, gradient, slots, learning_rate, **options)
         if sparse:
             return core.apply_sparse(variable, gradient, slots, learning_rate, **options)
         return core.apply_dense(variable, gradient, slots, learning_rate, fused=self.fuse_dense_updates, **options)

@@ -11,7 +11,8 @@ from typing import Any, Optional, Sequence
 
 import tensorflow as tf
 
-from tfrs_clippy.optimizers import adam_core
+from tfrs_clippy.keras_runtime import BACKEND
+from tfrs_clippy.optimizers import adam_core, keras_ops_steps
 from tfrs_clippy.optimizers.scaled_optimizer import ScaledOptimizer, normalize_learning_rate
 
 
@@ -100,7 +101,11 @@ class ScaledAdam(ScaledOptimizer):
         sparse = isinstance(gradient, tf.IndexedSlices)
         rule, clipping_axis = self.scaling_for(variable, sparse and self.sparse_updates == "lazy")
         options = dict(beta_1=self.beta_1, beta_2=self.beta_2, epsilon=self.epsilon, rule=rule,
-                       clipping_axis=clipping_axis, fused=self.fuse_dense_updates)
+                       clipping_axis=clipping_axis)
+        if BACKEND != "tensorflow":
+            return keras_ops_steps.apply_adam(self, variable, gradient, slots, learning_rate, self.iterations + 1,
+                                              **options)
+        options["fused"] = self.fuse_dense_updates
         step = tf.convert_to_tensor(self.iterations) + 1
         if sparse:
             return adam_core.apply_sparse(variable, gradient, slots, learning_rate, step,

@@ -17,8 +17,10 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import tensorflow as tf
 
+from tfrs_clippy.keras_runtime import BACKEND
 from tfrs_clippy.optimizers.adapter import RuntimeOptimizer
 from tfrs_clippy.optimizers.rules import ScalingRule
+from tfrs_clippy.optimizers.tensor_ops import TF_OPS, keras_ops
 from tfrs_clippy.optimizers.variable_names import check_patterns, matches_any, variable_name
 
 
@@ -51,6 +53,15 @@ def normalize_learning_rate(learning_rate: Any) -> Any:
     return learning_rate
 
 
+_COUNT_DTYPE = tf.int64 if BACKEND == "tensorflow" else tf.int32
+"""The skip counters' dtype: int32 off TensorFlow, JAX's widest integer unless x64 is enabled."""
+
+
+def _ops():
+    """The tensor operations of this process's backend, for the read-outs."""
+    return TF_OPS if BACKEND == "tensorflow" else keras_ops()
+
+
 class Scaling(NamedTuple):
     """How one variable's step is scaled: its rule (None: unscaled) and the axis of its slices (None: per tensor)."""
 
@@ -61,9 +72,9 @@ class Scaling(NamedTuple):
 class ScaledOptimizer(RuntimeOptimizer):
     """A base optimizer's step, scaled per variable by `scaling_rule()`; see the module docstring.
 
-    Every model variable gets its family's state, an int64 count of steps skipped for a non-finite gradient and,
-    with `export_clipping_factors=True`, a scalar holding the smallest scale of its last step (float32; float64 for
-    float64 variables).
+    Every model variable gets its family's state, an int64 (int32 off TensorFlow) count of steps skipped for a
+    non-finite gradient and, with `export_clipping_factors=True`, a scalar holding the smallest scale of its last
+    step (float32; float64 for float64 variables).
     """
 
     def _init_scaling(
@@ -102,7 +113,7 @@ class ScaledOptimizer(RuntimeOptimizer):
         """
         name = variable_name(variable)
         rule = None if matches_any(self.exclude_from_clipping, name) else self.scaling_rule()
-        return Scaling(rule, self.clipping_axis_for(name, variable.shape.rank, sparse))
+        return Scaling(rule, self.clipping_axis_for(name, len(variable.shape), sparse))
 
     @property
     def diagnostic_variables(self) -> list[tf.Variable]:
@@ -144,7 +155,7 @@ class ScaledOptimizer(RuntimeOptimizer):
                 self._create_scalar_slot(variable, "clipping_factor", dtype, 1.0)
                 if self.export_clipping_factors else None
             )
-            nonfinite_steps = self._create_scalar_slot(variable, "nonfinite_steps", tf.int64, 0)
+            nonfinite_steps = self._create_scalar_slot(variable, "nonfinite_steps", _COUNT_DTYPE, 0)
             self._slots.append(
                 self.slots_type(**tensor_slots, clipping_factor=clipping_factor, nonfinite_steps=nonfinite_steps)
             )
@@ -162,7 +173,7 @@ class ScaledOptimizer(RuntimeOptimizer):
         return [slots.clipping_factor for slots in self._slots if slots.clipping_factor is not None]
 
     def _by_name(self, read: Callable[[Any], Any]) -> dict[str, tf.Tensor]:
-        return {name: tf.convert_to_tensor(read(slots)) for name, slots in zip(self._slot_names, self._slots)}
+        return {name: _ops().convert_to_tensor(read(slots)) for name, slots in zip(self._slot_names, self._slots)}
 
     def clipping_factors_by_name(self) -> dict[str, tf.Tensor]:
         """{model variable name: smallest scale of its last step}; needs `export_clipping_factors=True`.
@@ -174,7 +185,7 @@ class ScaledOptimizer(RuntimeOptimizer):
             raise ValueError(
                 "clipping_factors_by_name() needs the optimizer built with export_clipping_factors=True."
             )
-        return {name: tf.cast(factor, tf.float32)
+        return {name: _ops().cast(factor, "float32")
                 for name, factor in self._by_name(lambda slots: slots.clipping_factor).items()}
 
     def nonfinite_steps_by_name(self) -> dict[str, tf.Tensor]:
@@ -184,6 +195,9 @@ class ScaledOptimizer(RuntimeOptimizer):
     @property
     def nonfinite_steps(self) -> tf.Tensor:
         """Total number of (variable, step) updates skipped for a non-finite gradient."""
+        if BACKEND != "tensorflow":
+            return sum((keras_ops().convert_to_tensor(slots.nonfinite_steps) for slots in self._slots),
+                       start=keras_ops().convert_to_tensor(0))
         counts = [tf.convert_to_tensor(slots.nonfinite_steps) for slots in self._slots]
         return tf.add_n(counts) if counts else tf.constant(0, tf.int64)
 
