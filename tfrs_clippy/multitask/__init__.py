@@ -10,8 +10,12 @@ See `balancing` for the methods, `updates` for the per-task candidate updates an
 from tfrs_clippy.multitask.balancing import ALPHA_SCALINGS, METHODS, BalancingConfig, MultitaskBalancer
 from tfrs_clippy.multitask.solver import cosines, nash_weights
 from tfrs_clippy.multitask.updates import (
+    CLIP_MODES,
     AdagradRule,
     AdamRule,
+    Candidates,
+    ScaledAdamRule,
+    ScaledRule,
     TaskGradients,
     UpdateRule,
     stack_task_gradients,
@@ -23,8 +27,12 @@ __all__ = [
     "AdagradRule",
     "AdamRule",
     "BalancingConfig",
+    "CLIP_MODES",
+    "Candidates",
     "METHODS",
     "MultitaskBalancer",
+    "ScaledAdamRule",
+    "ScaledRule",
     "TaskGradients",
     "UpdateRule",
     "cosines",

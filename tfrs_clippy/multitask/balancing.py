@@ -48,9 +48,8 @@ import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
 import tensorflow as tf
-from tensorflow.core.framework import summary_pb2
-from tensorflow.python.ops import control_flow_util
 
+from tfrs_clippy import summaries
 from tfrs_clippy.keras_runtime import LEGACY_KERAS, keras
 from tfrs_clippy.multitask import solver, updates
 
@@ -127,28 +126,118 @@ def _sum_gradients(grads: Sequence[updates.Gradient]) -> updates.Gradient:
     return tf.add_n([tf.convert_to_tensor(grad) for grad in present])
 
 
-_SCALAR_METADATA = summary_pb2.SummaryMetadata(
-    plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
-    data_class=summary_pb2.DATA_CLASS_SCALAR,
-)
+def _check_can_balance(shared_variables: Sequence[Any]) -> None:
+    """Raises unless this step can be balanced: one replica, and shared variables to balance.
 
-
-def _write_summaries(logs: Mapping[str, tf.Tensor], iterations: tf.Tensor) -> None:
-    """Writes `logs` as TensorBoard scalars "multitask/<name>" to the default summary writer, if there is one.
-
-    Keras's TensorBoard callback makes its writer the default during `fit`, recording every `update_freq` steps;
-    Keras 2 writes no batch-level scalars of the logs itself, and its default summary step is frozen at the start
-    of `fit`, hence the optimizer's `iterations` (the step about to run) as the step. `tf.summary.write` with
-    the scalar plugin's metadata needs no tensorboard package. Not under XLA, which cannot compile summary ops.
+    The per-task gradients of several replicas would need their own all-reduce, which `minimize` does not do.
     """
-    if control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
-        return
-    for name, value in logs.items():
-        tf.summary.write(f"multitask/{name}", value, step=iterations, metadata=_SCALAR_METADATA)
+    if tf.distribute.get_strategy().num_replicas_in_sync > 1:
+        raise ValueError("MultitaskBalancer: runs in one replica; the strategy has several.")
+    if not shared_variables:
+        raise ValueError("MultitaskBalancer: `shared_variables` is empty; there is nothing to balance.")
 
 
 def _optimizer_built(optimizer: Any) -> bool:
     return bool(getattr(optimizer, "_built", False) if LEGACY_KERAS else optimizer.built)
+
+
+def _build_optimizer(optimizer: Any, variables: Sequence[Any]) -> None:
+    """Builds `optimizer` for `variables` (its slots), unless it is built, outside the traced step.
+
+    "pub" reads the optimizer's state (`updates`) before any `apply_gradients` would have built it, so the slots
+    must exist first; being variables, they are created eagerly (`tf.init_scope`), not in the train function.
+    """
+    if not _optimizer_built(optimizer):
+        with tf.init_scope():
+            optimizer.build(variables)
+
+
+def _stack_shared_gradients(
+    per_task: Sequence[Sequence[updates.Gradient]], shared_variables: Sequence[Any]
+) -> list[updates.TaskGradients]:
+    """Per shared variable (the first of each task's gradient list), the K tasks' gradients stacked into one.
+
+    Stacked, the tasks' gradients of a variable are one [K, ...] tensor (over the union of the rows they touch, for
+    an embedding): what the update rules and the Gram matrix work on.
+    """
+    return [
+        updates.stack_task_gradients([grads[index] for grads in per_task], variable)
+        for index, variable in enumerate(shared_variables)
+    ]
+
+
+def _candidate_updates(
+    rule: updates.UpdateRule | None, shared_variables: Sequence[Any], stacked: Sequence[updates.TaskGradients]
+) -> list[updates.Candidates] | None:
+    """"pub": per shared variable, the update d_i each task's gradient alone would make; None without a rule."""
+    if rule is None:
+        return None
+    return [rule.candidates(variable, grads) for variable, grads in zip(shared_variables, stacked)]
+
+
+def _specific_gradients(per_task: Sequence[Sequence[updates.Gradient]], num_shared: int) -> list[updates.Gradient]:
+    """The gradients of the sum of the task losses for the task-specific variables (those after `num_shared`).
+
+    Summing the per-task gradients gives them without another backward pass.
+    """
+    return [_sum_gradients([grads[index] for grads in per_task]) for index in range(num_shared, len(per_task[0]))]
+
+
+def _commit_shared_moves(
+    rule: updates.UpdateRule,
+    shared_variables: Sequence[Any],
+    stacked: Sequence[updates.TaskGradients],
+    candidates: Sequence[updates.Candidates],
+    weights: tf.Tensor,
+) -> None:
+    """"pub": moves each shared variable by its alpha-weighted candidate updates, and advances its optimizer state.
+
+    The rule writes the variable itself (the optimizer's own step would apply its rule to the combined gradient,
+    not combine the updates), so these variables get no gradient in the optimizer's `apply_gradients`.
+    """
+    for variable, grads, variable_candidates in zip(shared_variables, stacked, candidates):
+        rule.commit(variable, grads, variable_candidates, weights)
+
+
+def _combined_gradients(
+    shared_variables: Sequence[Any], stacked: Sequence[updates.TaskGradients], weights: tf.Tensor
+) -> list[tf.Tensor | tf.IndexedSlices]:
+    """"nash_mtl": each shared variable's gradient sum_i alpha_i g_i, for the optimizer's own step.
+
+    A sparse (embedding) gradient stays an `IndexedSlices` over the rows the tasks touched, so that the optimizer
+    takes its sparse step.
+    """
+    return [
+        tf.IndexedSlices(grads.combine(weights), grads.rows, tf.shape(variable, out_type=tf.int64))
+        if grads.sparse
+        else grads.combine(weights)
+        for variable, grads in zip(shared_variables, stacked)
+    ]
+
+
+def _apply_gradients(optimizer: Any, grads: Sequence[updates.Gradient], variables: Sequence[Any]) -> None:
+    """The optimizer's step on `grads` (None: not stepped), or only its step count when every gradient is None.
+
+    Always the full variable list, in one order: the Keras 2 optimizers of tfrs_clippy re-index their slots by the
+    list each `apply_gradients` gets. Keras skips the None gradients. With no gradient at all there is nothing to
+    apply, but the step still happened ("pub" moved the shared variables itself), so it is counted.
+    """
+    if any(grad is not None for grad in grads):
+        optimizer.apply_gradients(zip(grads, variables))
+    else:
+        optimizer.iterations.assign_add(1)
+
+
+def _step_logs(loss: tf.Tensor, logs: Mapping[str, tf.Tensor], iterations: tf.Tensor) -> dict[str, tf.Tensor]:
+    """The step's logs, `loss` first; `logs` are also written as TensorBoard scalars "multitask/<name>".
+
+    They go to the default summary writer, if there is one: Keras's TensorBoard callback makes its writer the
+    default during `fit`, recording every `update_freq` steps. Keras 2 writes no batch-level scalars of the logs
+    itself, and its default summary step is frozen at the start of `fit`, hence the optimizer's `iterations` as the
+    step. Not under XLA (`summaries.write_scalars`).
+    """
+    summaries.write_scalars(logs, iterations, prefix="multitask/")
+    return {"loss": loss, **logs}
 
 
 @keras.utils.register_keras_serializable(package="tfrs_clippy")
@@ -220,83 +309,115 @@ class MultitaskBalancer(keras.layers.Layer):
             ValueError: more than one replica, a wrong number of losses, a task with no gradient path to the shared
                 variables, or an optimizer "pub" cannot use.
         """
-        if tf.distribute.get_strategy().num_replicas_in_sync > 1:
-            raise ValueError("MultitaskBalancer: runs in one replica; the strategy has several.")
-        if not shared_variables:
-            raise ValueError("MultitaskBalancer: `shared_variables` is empty; there is nothing to balance.")
+        _check_can_balance(shared_variables)
+        variables = list(shared_variables) + self._with_own_variables(specific_variables)
+        rule = updates.update_rule_for(optimizer, self.balancing.clip) if self.balancing.method == "pub" else None
+        _build_optimizer(optimizer, variables)
+        if self.balancing.method == "uncertainty":
+            return self._minimize_uncertainty(optimizer, compute_task_losses, variables)
+        return self._minimize_balanced(optimizer, compute_task_losses, list(shared_variables), variables, rule)
+
+    def _with_own_variables(self, specific_variables: Sequence[Any]) -> list[Any]:
+        """`specific_variables` and, after them, the balancer's own trainable variables (the log-variances).
+
+        The caller lists the model's variables; the balancer's weights are the balancer's business, so it adds them
+        itself (once: a caller that already listed them does not get them twice).
+        """
         own_ids = {id(variable) for variable in specific_variables}
-        specific_variables = list(specific_variables) + [
+        return list(specific_variables) + [
             variable for variable in self.trainable_variables if id(variable) not in own_ids
         ]
-        variables = list(shared_variables) + specific_variables
-        rule = updates.update_rule_for(optimizer, self.balancing.clip) if self.balancing.method == "pub" else None
-        if not _optimizer_built(optimizer):
-            with tf.init_scope():
-                optimizer.build(variables)
-        with tf.GradientTape(persistent=self.balancing.method != "uncertainty") as tape:
-            task_losses = list(compute_task_losses())
-            if len(task_losses) != self.num_tasks:
-                raise ValueError(
-                    f"MultitaskBalancer: `compute_task_losses` returned {len(task_losses)} losses for the "
-                    f"{self.num_tasks} tasks {self.task_names}."
-                )
-            loss = tf.add_n(task_losses)
-            if self.balancing.method == "uncertainty":
-                precisions = tf.exp(-tf.convert_to_tensor(self.log_variances))
-                uncertainty_loss = tf.reduce_sum(precisions * tf.stack(task_losses) + self.log_variances)
-        if self.balancing.method == "uncertainty":
-            optimizer.apply_gradients(zip(tape.gradient(uncertainty_loss, variables), variables))
-            logs = self._weight_logs(precisions)
-            _write_summaries(logs, optimizer.iterations)
-            return {"loss": loss, **logs}
 
+    def _task_losses(self, compute_task_losses: Callable[[], Sequence[tf.Tensor]]) -> list[tf.Tensor]:
+        """The K task losses of the forward pass (run under the caller's tape), checked to be one per task.
+
+        A wrong count would silently pair losses with the wrong task names (and weights), hence the error.
+        """
+        task_losses = list(compute_task_losses())
+        if len(task_losses) != self.num_tasks:
+            raise ValueError(
+                f"MultitaskBalancer: `compute_task_losses` returned {len(task_losses)} losses for the "
+                f"{self.num_tasks} tasks {self.task_names}."
+            )
+        return task_losses
+
+    def _minimize_uncertainty(
+        self, optimizer: Any, compute_task_losses: Callable[[], Sequence[tf.Tensor]], variables: list[Any]
+    ) -> dict[str, tf.Tensor]:
+        """The "uncertainty" step: the optimizer's own step on sum_i exp(-s_i) L_i + s_i, for every variable.
+
+        One loss, so one backward pass and no per-task gradients: the log-variances s_i are trained with the model.
+        """
+        with tf.GradientTape() as tape:
+            task_losses = self._task_losses(compute_task_losses)
+            loss = tf.add_n(task_losses)
+            precisions = tf.exp(-tf.convert_to_tensor(self.log_variances))
+            uncertainty_loss = tf.reduce_sum(precisions * tf.stack(task_losses) + self.log_variances)
+        optimizer.apply_gradients(zip(tape.gradient(uncertainty_loss, variables), variables))
+        return _step_logs(loss, self._weight_logs(precisions), optimizer.iterations)
+
+    def _minimize_balanced(
+        self,
+        optimizer: Any,
+        compute_task_losses: Callable[[], Sequence[tf.Tensor]],
+        shared_variables: list[Any],
+        variables: list[Any],
+        rule: updates.UpdateRule | None,
+    ) -> dict[str, tf.Tensor]:
+        """The "pub" (with `rule`) and "nash_mtl" (without) step: alpha from the tasks' utilities, then the moves.
+
+        The shared variables (the first `len(shared_variables)` of `variables`) move by the alpha-weighted
+        combination: under "pub" the rule commits it itself, under "nash_mtl" the optimizer steps on the combined
+        gradient. The task-specific variables get the optimizer's step on the sum of the task losses.
+        """
+        with tf.GradientTape(persistent=True) as tape:
+            task_losses = self._task_losses(compute_task_losses)
+            loss = tf.add_n(task_losses)
         # One backward pass per task, through every variable: the task-specific gradient is then their sum.
         per_task = [tape.gradient(task_loss, variables) for task_loss in task_losses]
         del tape
         num_shared = len(shared_variables)
+        self._check_shared_gradient_paths(per_task, num_shared)
+        stacked = _stack_shared_gradients(per_task, shared_variables)
+        candidates = _candidate_updates(rule, shared_variables, stacked)
+        gram = self._utility_gram(stacked, candidates)
+        weights = self._weights(gram, optimizer.iterations)
+
+        specific_grads = _specific_gradients(per_task, num_shared)
+        if rule is not None:
+            _commit_shared_moves(rule, shared_variables, stacked, candidates, weights)
+            shared_grads = [None] * num_shared  # moved already
+        else:
+            shared_grads = _combined_gradients(shared_variables, stacked, weights)
+        _apply_gradients(optimizer, shared_grads + specific_grads, variables)
+        logs = {**self._weight_logs(weights), **self._cosine_logs(gram)}
+        return _step_logs(loss, logs, optimizer.iterations)
+
+    def _check_shared_gradient_paths(self, per_task: Sequence[Sequence[updates.Gradient]], num_shared: int) -> None:
+        """Raises unless every task has a gradient on at least one shared variable (the first `num_shared`).
+
+        A task that reaches no shared variable has a zero utility everywhere: there is nothing to bargain over, and
+        the model is most likely wired wrongly (or the variables were split wrongly).
+        """
         for task, grads in zip(self.task_names, per_task):
             if all(grad is None for grad in grads[:num_shared]):
                 raise ValueError(
                     f"MultitaskBalancer: task {task!r} has no gradient path to the shared variables; every task must "
                     "reach at least one (or it is not a shared-parameter multitask model)."
                 )
-        stacked = [
-            updates.stack_task_gradients([grads[index] for grads in per_task], variable)
-            for index, variable in enumerate(shared_variables)
-        ]
-        candidates = (
-            [rule.candidates(variable, grads) for variable, grads in zip(shared_variables, stacked)]
-            if rule is not None
-            else None
-        )
+
+    def _utility_gram(
+        self, stacked: Sequence[updates.TaskGradients], candidates: Sequence[updates.Candidates] | None
+    ) -> tf.Tensor:
+        """The K x K Gram matrix of the tasks' utilities over all shared variables: D D^T, or G G^T without a rule.
+
+        The utilities are the candidate updates d_i under "pub" and the gradients g_i under "nash_mtl"; flattening
+        each variable's per-task utilities and summing the per-variable Gram matrices is the Gram matrix of the
+        concatenated vectors, without concatenating them.
+        """
         utilities = [grads.values for grads in stacked] if candidates is None else [c.updates for c in candidates]
         flat_utilities = [tf.reshape(utility, [self.num_tasks, -1]) for utility in utilities]
-        gram = tf.add_n([tf.matmul(flat, flat, transpose_b=True) for flat in flat_utilities])
-        weights = self._weights(gram, optimizer.iterations)
-
-        specific_grads = [
-            _sum_gradients([grads[index] for grads in per_task]) for index in range(num_shared, len(variables))
-        ]
-        if rule is not None:
-            for variable, grads, variable_candidates in zip(shared_variables, stacked, candidates):
-                rule.commit(variable, grads, variable_candidates, weights)
-            shared_grads = [None] * num_shared  # moved already
-        else:
-            shared_grads = [
-                tf.IndexedSlices(grads.combine(weights), grads.rows, tf.shape(variable, out_type=tf.int64))
-                if grads.sparse
-                else grads.combine(weights)
-                for variable, grads in zip(shared_variables, stacked)
-            ]
-        if any(grad is not None for grad in specific_grads + shared_grads):
-            # Always the full variable list, in one order: the Keras 2 optimizers of tfrs_clippy re-index their
-            # slots by the list each `apply_gradients` gets. Keras skips the None gradients.
-            optimizer.apply_gradients(zip(shared_grads + specific_grads, variables))
-        else:
-            optimizer.iterations.assign_add(1)
-        logs = {**self._weight_logs(weights), **self._cosine_logs(gram)}
-        _write_summaries(logs, optimizer.iterations)
-        return {"loss": loss, **logs}
+        return tf.add_n([tf.matmul(flat, flat, transpose_b=True) for flat in flat_utilities])
 
     def _weights(self, gram: tf.Tensor, iterations: tf.Tensor) -> tf.Tensor:
         """alpha for this step: solved every `solve_every` steps from the warm start (if `gram` is finite), else

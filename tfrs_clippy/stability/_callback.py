@@ -7,8 +7,8 @@ from typing import Any, Dict, Optional
 
 import tensorflow as tf
 
+from tfrs_clippy import summaries
 from tfrs_clippy.keras_runtime import keras
-from tfrs_clippy.stability import _summary
 
 
 def require_clipping_factors(optimizer: Any, reader: str, turn_on_before_build: bool) -> None:
@@ -77,8 +77,7 @@ class PeriodicCallback(keras.callbacks.Callback):
         if self._writer is None:
             return
         with self._writer.as_default():
-            for tag, value in scalars.items():
-                _summary.write_scalar(tag, value, step)
+            summaries.write_scalars(scalars, step)
 
     def on_train_end(self, logs: Optional[Dict[str, Any]] = None) -> None:
         if self._writer is not None:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-import re
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from tfrs_clippy import summaries
 from tfrs_clippy.stability import _callback, _plotting
 
 _TAG_PREFIX = "clipping_factor/"
@@ -34,11 +34,6 @@ class ClippingFactorRecord:
         self.steps.append(step)
         for name, values in self.factors.items():
             values.append(float(factors.get(name, math.nan)))
-
-
-def _summary_tag(name: str) -> str:
-    # Summary tags allow only these characters; Keras 2 names end in ":0".
-    return _TAG_PREFIX + re.sub(r"[^A-Za-z0-9_./-]", "_", name.split(":")[0])
 
 
 def layer_of(variable_name: str) -> str:
@@ -80,7 +75,7 @@ class ClippingFactorLogger(_callback.PeriodicCallback):
         }
         self.record.add(step, factors)
         if factors:
-            scalars = {_summary_tag(name): value for name, value in factors.items()}
+            scalars = {summaries.summary_tag(name, _TAG_PREFIX): value for name, value in factors.items()}
             scalars[_TAG_PREFIX + "min"] = min(factors.values())
             self.write_scalars(scalars, step)
 
@@ -89,7 +84,7 @@ class ClippingFactorLogger(_callback.PeriodicCallback):
             return
         epoch_values = {name: values[self._epoch_start_index:] for name, values in self.record.factors.items()}
         for name, values in epoch_values.items():
-            logs[_summary_tag(name)] = float(np.nanmean(values))
+            logs[summaries.summary_tag(name, _TAG_PREFIX)] = float(np.nanmean(values))
         logs[_TAG_PREFIX + "min"] = float(np.nanmin([np.nanmin(values) for values in epoch_values.values()]))
 
 
