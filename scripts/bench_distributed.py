@@ -32,16 +32,22 @@ REPLICA_FLAGS = {1: ["--strategy", "default"], 2: ["--strategy", "mirrored", "--
 
 def measure(argv: list[str]) -> dict:
     """In this (child) process: trains 2 epochs with train.py's pieces; examples/s of the second."""
-    import train  # pylint: disable=import-outside-toplevel  (beside this script: on sys.path when it runs)
+    # Here, not at the top: the parent process needs no TensorFlow (its children get TF_USE_LEGACY_KERAS=1).
+    # pylint: disable=import-outside-toplevel
+    from tfrs_clippy.keras_runtime import keras
 
-    args = train.parse_args(argv)
-    strategy = train.make_strategy(args)
-    splits = train.load_splits(args)
-    model, _ = train.build_model_and_optimizer(args, splits.spec, strategy)
+    from experiments.run_setup import build_model_and_optimizer, load_splits, training_input
+    from experiments.strategies import make_strategy
+    from experiments.train_flags import parse_args
+
+    args = parse_args(argv)
+    strategy = make_strategy(args)
+    splits = load_splits(args)
+    model, _ = build_model_and_optimizer(args, splits.spec, strategy)
     steps = int(splits.train.cardinality()) // args.batch_size
     times: list[float] = []
 
-    class EpochTimer(train.keras.callbacks.Callback):
+    class EpochTimer(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch: int, logs: Optional[dict] = None) -> None:
             times.append(time.perf_counter())
 
@@ -49,7 +55,7 @@ def measure(argv: list[str]) -> dict:
             times.append(time.perf_counter())
 
     args.epochs = 2
-    model.fit(train.training_input(args, strategy, 0), epochs=2, steps_per_epoch=steps, callbacks=[EpochTimer()],
+    model.fit(training_input(args, strategy, 0), epochs=2, steps_per_epoch=steps, callbacks=[EpochTimer()],
               verbose=0)
     return {"replicas": strategy.num_replicas_in_sync, "steps": steps,
             "examples_per_second": steps * args.batch_size / (times[3] - times[2])}

@@ -1,7 +1,9 @@
 """Sweeps naive Adagrad's learning rate on a dataset to find where it starts to diverge: the basis of "1x".
 
 For each learning rate of a factor-2 grid and each preset, trains naive Adagrad exactly as `reproduce.py` does
-(one pass in time order, same scale and batch size) and reports the held-out metrics, the spikes and the verdict.
+(one pass in time order, same scale and batch size; zero output biases and no warm-up, as
+`reproduce.py --output-bias zero --warmup-steps 0` and as the recorded sweep, docs/calibration/, was run) and
+reports the held-out metrics, the spikes and the verdict.
 It names, per preset, the largest learning rate that did not diverge, and overall the largest rate stable on
 every preset ("edge") and the smallest rate that diverged on some preset ("onset"). Runs are cached like
 `reproduce.py`'s, in `<out>/calibration/<dataset>/runs/`.
@@ -17,9 +19,10 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
-import reproduce  # scripts/ is on sys.path when this file runs
 from experiments import paper_tables
-from experiments.records import write_json_atomically
+from experiments.flags import check_choices, comma_list
+from experiments.records import format_duration, write_json_atomically
+from experiments.runs import DATASETS, MODELS, preset_widths, run_all, run_config
 
 DEFAULT_LEARNING_RATES = "0.005,0.01,0.02,0.04,0.08,0.16,0.32"
 
@@ -31,8 +34,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         ValueError: A flag's value is out of range; the message names the flag and the value.
     """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", default="movielens_100k", help=f"one of {sorted(reproduce.DATASETS)}")
-    parser.add_argument("--models", default=",".join(reproduce.MODELS))
+    parser.add_argument("--dataset", default="movielens_100k", help=f"one of {sorted(DATASETS)}")
+    parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--learning-rates", default=DEFAULT_LEARNING_RATES, help="comma-separated rates to sweep")
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--scale", type=float, default=1 / 16)
@@ -41,11 +44,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--eval-examples", type=int, default=0)
     parser.add_argument("--out", default="results")
     args = parser.parse_args(argv)
-    args.models = reproduce.comma_list(args.models)
-    reproduce.check_choices("--dataset", [args.dataset], reproduce.DATASETS)
-    reproduce.check_choices("--models", args.models, reproduce.MODELS)
+    args.models = comma_list(args.models)
+    check_choices("--dataset", [args.dataset], DATASETS)
+    check_choices("--models", args.models, MODELS)
     try:
-        args.learning_rates = sorted(float(value) for value in reproduce.comma_list(args.learning_rates))
+        args.learning_rates = sorted(float(value) for value in comma_list(args.learning_rates))
     except ValueError:
         raise ValueError(f"--learning-rates must be comma-separated numbers, got {args.learning_rates!r}") from None
     if not args.learning_rates or min(args.learning_rates) <= 0:
@@ -58,16 +61,17 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def sweep_configs(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """One naive-Adagrad run per (preset, learning rate, seed), as `reproduce.run_config` makes them.
+    """One naive-Adagrad run per (preset, learning rate, seed), as `experiments.runs.run_config` makes them.
 
-    The rate enters as the multiplier of a base rate of 1 (the records' `lr_multiplier` is the rate itself).
+    The rate enters as the multiplier of a base rate of 1 (the records' `lr_multiplier` is the rate itself). Output
+    biases start at zero and there is no warm-up: the setup 1x was calibrated with.
     """
     settings = argparse.Namespace(
         dataset=args.dataset, scale=args.scale, batch_size=args.batch_size, train_steps=args.train_steps,
-        eval_examples=args.eval_examples, base_learning_rate=1.0, rollback_lr_factor=1.0,
+        eval_examples=args.eval_examples, base_learning_rate=1.0, rollback_lr_factor=1.0, output_bias="zero",
     )
     return [
-        reproduce.run_config(settings, model, "naive", {}, rate, seed)
+        run_config(settings, model, "naive", {}, rate, seed, warmup=0)
         for model in args.models
         for rate in args.learning_rates
         for seed in range(args.seeds)
@@ -115,17 +119,17 @@ def main(argv: Sequence[str]) -> int:
         return 2
     started = time.perf_counter()
     out = pathlib.Path(args.out) / "calibration" / args.dataset
-    splits = reproduce.DATASETS[args.dataset].load()
-    records = reproduce.run_all(sweep_configs(args), splits, out / "runs")
+    splits = DATASETS[args.dataset].load()
+    records = run_all(sweep_configs(args), splits, out / "runs")
     edge = largest_stable(records)
     diverging = sorted(r["config"]["learning_rate"] for r in records if r["verdict"]["diverged"])
     lines = [
         f"# Naive Adagrad learning-rate sweep on {args.dataset}",
         "",
         f"- Command: `{' '.join(['scripts/calibrate_lr.py', *argv])}`",
-        f"- Presets scaled by {args.scale:g}: {reproduce.preset_widths(args.scale, args.models)}; batch "
+        f"- Presets scaled by {args.scale:g}: {preset_widths(args.scale, args.models)}; batch "
         f"{args.batch_size}; {args.seeds} seed(s); "
-        f"wall time {reproduce.format_duration(time.perf_counter() - started)}",
+        f"wall time {format_duration(time.perf_counter() - started)}",
         "",
         sweep_table(records, args.models),
         *(f"- Largest stable rate, {paper_tables.MODEL_TITLES[m]}: {largest_stable(records, m)}" for m in args.models),

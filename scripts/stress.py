@@ -43,6 +43,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from typing import Any, Sequence  # noqa: E402
 
+from experiments.flags import comma_list  # noqa: E402
 from experiments.records import (  # noqa: E402
     commit,
     config_key,
@@ -709,10 +710,6 @@ def plot_sensitivity(records: Sequence[dict[str, Any]], path: pathlib.Path) -> s
 
 
 # Command line -------------------------------------------------------------------------------------------------
-
-
-def comma_list(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:

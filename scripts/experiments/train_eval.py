@@ -1,6 +1,6 @@
 """What `scripts/train.py` reports and leaves behind: held-out evaluation, the metrics file, the serving export.
 
-Imported by `scripts/train.py` only (it sets TF_USE_LEGACY_KERAS=1 before TensorFlow is imported).
+Used by `experiments.training`, train.py's loop; importers set TF_USE_LEGACY_KERAS=1 before TensorFlow is imported.
 
 - **Held-out split**: the validation split where the dataset has one (Census-Income), else the test split
   (MovieLens-100K, synthetic), so that a dataset's test split is read only when nothing else is held out.

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from experiments import records, runs
+
 SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "reproduce.py"
 TINY = ["--models", "small", "--methods", "naive,clippy", "--seeds", "1", "--lr-multipliers", "2",
         "--train-steps", "12", "--eval-examples", "1000", "--rollback-model", "small"]
@@ -81,7 +83,7 @@ def test_plan_has_every_combination_and_the_rollback_stage():
     # Grid sizes 1 (naive), 3 (GC, AGC, LAMB), 1 (Clippy): 11 settings x 3 presets x 2 multipliers x 3 seeds,
     # then naive at 2x with rollback on Large+DCN for 3 seeds.
     assert len(configs) == 11 * 3 * 2 * 3 + 3
-    assert len({reproduce.config_key(config) for config in configs}) == len(configs)
+    assert len({records.config_key(config) for config in configs}) == len(configs)
     assert [c["learning_rate"] for c in configs[-3:]] == [0.16] * 3 and all(c["rollback"] for c in configs[-3:])
     assert len(reproduce.plan_runs(reproduce.parse_args([]), 80_000)) == 5 * 3 * 2 * 3 + 3
     # The production practices, recorded in every config: the default warm-up is 10% of 157 steps, rounded.
@@ -93,7 +95,7 @@ def test_warmup_and_output_bias_flags_change_the_config_and_its_key():
     default = reproduce.plan_runs(reproduce.parse_args([]), 80_000)[0]
     old = reproduce.plan_runs(reproduce.parse_args(["--warmup-steps", "0", "--output-bias", "zero"]), 80_000)[0]
     assert (old["warmup_steps"], old["output_bias"]) == (0, "zero")
-    assert reproduce.config_key(old) != reproduce.config_key(default)
+    assert records.config_key(old) != records.config_key(default)
     # With --train-steps the default warm-up is 10% of the shorter run.
     assert reproduce.plan_runs(reproduce.parse_args(["--train-steps", "12"]), 80_000)[0]["warmup_steps"] == 1
     for args, message in ((["--warmup-steps", "-1"], "--warmup-steps must be >= 0, got -1"),
@@ -111,24 +113,22 @@ def test_help_prints_every_flag():
 
 
 def test_clipped_factors_leave_out_the_variables_the_embedding_pattern_matches_as_a_regular_expression():
-    reproduce = _load_script()
     # Keyed by the names the optimizer matches its patterns against (Keras 2 variable names).
     factors = {"ranker/embedding/table_user_id/embeddings:0": [1.0, 1.0], "dense/kernel:0": [1.0, 0.4]}
     names = {"ranker/embedding/table_user_id/embeddings:0": "embedding/table_user_id/embeddings",
              "dense/kernel:0": "bottom/dense/kernel"}
-    assert reproduce.clipped_factors(factors, names) == {"bottom/dense/kernel": [1.0, 0.4]}  # EMBEDDING_PATTERN
+    assert runs.clipped_factors(factors, names) == {"bottom/dense/kernel": [1.0, 0.4]}  # EMBEDDING_PATTERN
     # Not a substring of the table's name, but re.search finds it, as it does in the optimizers.
-    assert list(reproduce.clipped_factors(factors, names, "embed.*table")) == ["bottom/dense/kernel"]
+    assert list(runs.clipped_factors(factors, names, "embed.*table")) == ["bottom/dense/kernel"]
     # The optimizer's name of the table does not start with "embedding": it is clipped, so its factor is kept.
-    assert list(reproduce.clipped_factors(factors, names, "^embedding")) == [
+    assert list(runs.clipped_factors(factors, names, "^embedding")) == [
         "embedding/table_user_id/embeddings", "bottom/dense/kernel"]
 
 
 def test_held_out_examples_stay_in_chunks():
     from tfrs_clippy import data  # pylint: disable=import-outside-toplevel
 
-    reproduce = _load_script()
     splits = data.synthetic(num_train=8_192, num_test=10_000, vocabulary_sizes=(100,))
-    held_out = reproduce.held_out(splits, 1000)
+    held_out = runs.held_out(splits, 1000)
     assert held_out.num_examples == 1000 and [len(labels["binary_0"]) for _, labels in held_out.chunks] == [1000]
-    assert reproduce.held_out(splits, 0) is splits.test
+    assert runs.held_out(splits, 0) is splits.test

@@ -25,6 +25,9 @@ from tfrs_clippy.keras_runtime import keras
 
 import train  # scripts/ is on sys.path (tests/conftest.py)
 from experiments import train_eval
+from experiments.run_setup import build_model_and_optimizer, build_optimizer, load_splits, make_checkpoint
+from experiments.train_flags import parse_args
+from experiments.training import CONFIG_FILE
 from script_runner import free_ports
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -73,7 +76,7 @@ def ple_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def test_split():
     """The run's held-out examples (the synthetic test split), batched as train.py batches them."""
-    splits = train.load_splits(train.parse_args(DATA_FLAGS))
+    splits = load_splits(parse_args(DATA_FLAGS))
     return splits.spec, data.make_pipeline(splits.test, 128)
 
 
@@ -81,12 +84,12 @@ def test_split():
 
 
 def test_model_flags_override_the_preset():
-    args = train.parse_args(DATA_FLAGS + PLE_FLAGS)
+    args = parse_args(DATA_FLAGS + PLE_FLAGS)
     assert args.ranker_config == PLE_CONFIG
-    assert train.parse_args(["--preset", "large_dcn", "--cross-layers", "0"]).ranker_config == (
+    assert parse_args(["--preset", "large_dcn", "--cross-layers", "0"]).ranker_config == (
         models.RankerConfig.preset("large_dcn", cross_layers=0)
     )
-    assert train.parse_args([]).ranker_config == models.RankerConfig.preset("small")
+    assert parse_args([]).ranker_config == models.RankerConfig.preset("small")
 
 
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])
@@ -94,7 +97,7 @@ def test_flags_override_the_config_file(tmp_path, suffix):
     path = tmp_path / f"ranker{suffix}"
     content = {"preset": "large", "bottom": "mmoe", "num_experts": 2, "task_weights": {"binary_0": 2.0}}
     path.write_text(json.dumps(content))  # JSON is YAML too
-    args = train.parse_args(["--config", str(path), "--num-experts", "5", "--scale", "0.5"])
+    args = parse_args(["--config", str(path), "--num-experts", "5", "--scale", "0.5"])
     assert args.ranker_config == models.RankerConfig.preset(
         "large", bottom="mmoe", num_experts=5, scale=0.5, task_weights={"binary_0": 2.0}
     )
@@ -133,19 +136,19 @@ def bad_file(tmp_path: pathlib.Path, name: str, text: str) -> str:
 )
 def test_bad_model_flags_and_files_name_the_flag_and_value(make_flags, message, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        train.parse_args(make_flags(tmp_path))
+        parse_args(make_flags(tmp_path))
     assert message.replace("{d}", str(tmp_path)) in capsys.readouterr().err
 
 
 def test_task_weights_for_a_task_the_dataset_lacks_name_the_flags_and_dataset():
-    args = train.parse_args(DATA_FLAGS + ["--task-weights", '{"like": 2}'])
-    spec = train.load_splits(args).spec
+    args = parse_args(DATA_FLAGS + ["--task-weights", '{"like": 2}'])
+    spec = load_splits(args).spec
     with pytest.raises(ValueError, match=r"the model flags on --dataset synthetic: .*names tasks \['like'\]"):
-        train.build_model_and_optimizer(args, spec, tf.distribute.get_strategy())
+        build_model_and_optimizer(args, spec, tf.distribute.get_strategy())
 
 
 def test_warmup_steps_start_the_learning_rate_at_peak_over_steps():
-    optimizer = train.build_optimizer(train.parse_args(["--learning-rate", "0.2", "--warmup-steps", "4"]))
+    optimizer = build_optimizer(parse_args(["--learning-rate", "0.2", "--warmup-steps", "4"]))
     assert float(optimizer.learning_rate) == pytest.approx(0.05)  # step 0: peak / 4
 
 
@@ -175,9 +178,9 @@ def test_the_run_trains_the_model_the_flags_name(ple_run):
     gates = {f"gate_binary_0_{expert}" for expert in ("specific0", "shared0", "shared1")}
     assert gates <= set(run.history) and gates <= set(run.held_out)
     # The effective config beside the checkpoints, loadable as a --config file.
-    recorded = directory / "ckpt" / train.CONFIG_FILE
+    recorded = directory / "ckpt" / CONFIG_FILE
     assert models.RankerConfig.load(recorded) == PLE_CONFIG
-    assert train.parse_args(DATA_FLAGS + ["--config", str(recorded)]).ranker_config == PLE_CONFIG
+    assert parse_args(DATA_FLAGS + ["--config", str(recorded)]).ranker_config == PLE_CONFIG
 
 
 def test_held_out_metrics_equal_model_evaluate_on_the_test_split(ple_run, test_split):
@@ -338,10 +341,10 @@ def test_multi_worker_evaluates_on_every_worker_and_only_the_chief_reports(tmp_p
     record = read_json(chief / "metrics.json")
     assert (record["replicas"], record["steps"], record["held_out_examples"]) == (2, 16, 300)
     # The chief's numbers (evaluated over both workers' shards) are those of its checkpoint on one device.
-    args = train.parse_args(DATA_FLAGS)
-    splits = train.load_splits(args)
-    model, optimizer = train.build_model_and_optimizer(args, splits.spec, tf.distribute.get_strategy())
-    train.make_checkpoint(model, optimizer).restore(
+    args = parse_args(DATA_FLAGS)
+    splits = load_splits(args)
+    model, optimizer = build_model_and_optimizer(args, splits.spec, tf.distribute.get_strategy())
+    make_checkpoint(model, optimizer).restore(
         tf.train.latest_checkpoint(str(chief / "ckpt"))).assert_existing_objects_matched()
     expected = model.evaluate(data.make_pipeline(splits.test, 128), verbose=0, return_dict=True)
     for name in TASK_METRICS:

@@ -21,10 +21,11 @@ import tensorflow as tf
 import models
 from tfrs_clippy import data
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
-import train  # noqa: E402  pylint: disable=wrong-import-position
+import train  # scripts/ is on sys.path (tests/conftest.py)
+from experiments.run_setup import build_model_and_optimizer, build_optimizer, load_splits, make_checkpoint
+from experiments.train_flags import parse_args
 
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 DIST_TRAIN = ROOT / "tests" / "scripts" / "dist_train.py"
 # 2048 examples at a global batch of 128: 16 steps an epoch. (At a learning rate of 0.5 the run is chaotic: the
 # 1e-8 rounding differences of a 2-replica gradient sum grow to 3e-2 in 32 steps, for any optimizer's kinks.)
@@ -48,11 +49,11 @@ def run_in_subprocess(tmp_path: pathlib.Path, flags: list[str]) -> dict[str, np.
 
 def restore_under_default(flags: list[str], checkpoint_dir: pathlib.Path, with_optimizer: bool = True):
     """The run's model (and optimizer) built on one device, restored from the latest checkpoint of the directory."""
-    args = train.parse_args(flags)
-    spec = train.load_splits(args).spec
+    args = parse_args(flags)
+    spec = load_splits(args).spec
     if with_optimizer:
-        model, optimizer = train.build_model_and_optimizer(args, spec, tf.distribute.get_strategy())
-        checkpoint = train.make_checkpoint(model, optimizer)
+        model, optimizer = build_model_and_optimizer(args, spec, tf.distribute.get_strategy())
+        checkpoint = make_checkpoint(model, optimizer)
     else:  # not compiled: the model then tracks no optimizer
         model, optimizer = models.build_ranker(spec, args.ranker_config), None
         checkpoint = tf.train.Checkpoint(model=model)
@@ -63,10 +64,10 @@ def restore_under_default(flags: list[str], checkpoint_dir: pathlib.Path, with_o
 
 def evaluate_on_test_split(model, flags: list[str]) -> dict[str, float]:
     """`model.evaluate` on the synthetic test split, batched as train.py batches it (the reference numbers)."""
-    args = train.parse_args(flags)
+    args = parse_args(flags)
     if getattr(model, "optimizer", None) is None:
         model.compile()
-    batches = data.make_pipeline(train.load_splits(args).test, args.batch_size)
+    batches = data.make_pipeline(load_splits(args).test, args.batch_size)
     return model.evaluate(batches, verbose=0, return_dict=True)
 
 
@@ -113,14 +114,14 @@ def uninterrupted(tmp_path_factory):
 )
 def test_bad_flags_name_the_flag_and_value(flags, message, capsys):
     with pytest.raises(SystemExit):
-        train.parse_args(flags)
+        parse_args(flags)
     assert message in capsys.readouterr().err
 
 
 def test_unknown_hyperparameter_names_the_method():
-    args = train.parse_args(["--method", "gc", "--hparams", '{"trust_scale": 0.1}'])
+    args = parse_args(["--method", "gc", "--hparams", '{"trust_scale": 0.1}'])
     with pytest.raises(ValueError, match=r"--method gc --hparams \{\"trust_scale\": 0.1\}"):
-        train.build_optimizer(args)
+        build_optimizer(args)
 
 
 def test_tpu_strategy_without_a_reachable_tpu_fails_clearly(monkeypatch):
