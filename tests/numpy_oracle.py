@@ -109,3 +109,46 @@ def scaled_adam_numpy(weights, grads, learning_rate, sigma_fn, beta_1=0.9, beta_
         d = m_hat / (np.sqrt(v_hat) + epsilon / np.sqrt(1 - beta_2**t))
         w = w - learning_rate * sigma_fn(g, w, d) * d
     return w
+
+
+def nash_bargaining_weights(gram: np.ndarray, ridge: float = 0.0) -> np.ndarray:
+    """alpha > 0 with alpha_i (M alpha)_i = 1, M = gram + ridge * diag(gram), by SciPy (float64).
+
+    Written apart from `tfrs_clippy.multitask.solver` (a damped Newton on the cosine matrix) and from
+    `test_multitask_solver.numpy_nash` (Newton with backtracking): L-BFGS-B on the convex
+    f(alpha) = alpha'M alpha / 2 - sum log alpha, whose stationary point is the solution, then a root polish of
+    the KKT residual alpha * (M alpha) - 1 by MINPACK's hybrid method. Raises if the residual is not ~0.
+    """
+    from scipy import optimize
+
+    gram = np.asarray(gram, np.float64)
+    gram = (gram + gram.T) / 2 + ridge * np.diag(np.diag(gram))
+    # Start at the best multiple of 1 / sqrt(M_ii): the solution for orthogonal utilities.
+    start = 1.0 / np.sqrt(np.diag(gram))
+    start *= np.sqrt(len(gram) / (start @ gram @ start))
+
+    def objective(alpha):
+        return 0.5 * alpha @ gram @ alpha - np.log(alpha).sum(), gram @ alpha - 1.0 / alpha
+
+    bounds = [(1e-12 * s, None) for s in start]
+    minimum = optimize.minimize(objective, start, jac=True, method="L-BFGS-B", bounds=bounds,
+                                options=dict(ftol=1e-15, gtol=1e-12, maxiter=10_000))
+    root = optimize.root(lambda alpha: alpha * (gram @ alpha) - 1.0, minimum.x, method="hybr", tol=1e-14)
+    alpha = root.x
+    residual = np.max(np.abs(alpha * (gram @ alpha) - 1.0))
+    if not (np.all(alpha > 0) and residual < 1e-10):
+        raise ArithmeticError(f"nash_bargaining_weights did not converge: alpha {alpha}, residual {residual}")
+    return alpha
+
+
+def keras_adam_moments(momentum, velocity, grad, beta_1=0.9, beta_2=0.999):
+    """Keras's Adam moments after one step on `grad` (float64)."""
+    grad = np.asarray(grad, np.float64)
+    return momentum + (grad - momentum) * (1 - beta_1), velocity + (grad**2 - velocity) * (1 - beta_2)
+
+
+def keras_adam_update(momentum, velocity, grad, learning_rate, step, beta_1=0.9, beta_2=0.999, epsilon=1e-7):
+    """The move (to subtract) of Keras's Adam at step `step` (1-based) on `grad` from the moments before it."""
+    m, v = keras_adam_moments(momentum, velocity, grad, beta_1, beta_2)
+    step_size = learning_rate * np.sqrt(1 - beta_2**step) / (1 - beta_1**step)
+    return step_size * m / (np.sqrt(v) + epsilon)

@@ -91,7 +91,7 @@ class AdamOracle:
             values, indices = grad
             rows = np.unique(indices)
             g = np.zeros((len(rows),) + self.w.shape[1:])
-            for value, index in zip(values, indices):
+            for value, index in zip(values, indices, strict=True):
                 g[np.searchsorted(rows, index)] += value
         else:
             if isinstance(grad, tuple):
@@ -203,7 +203,7 @@ def test_lazy_rows_touch_only_their_rows(jit_compile):
     weights, grads = random_problem(seed=6, sparse_rows=3, shape=(10, 4))
     optimizer = ClippyAdam(learning_rate=0.05, sparse_updates="lazy", clipping_axis=0, **TIGHT)
     variable, history, _ = run(optimizer, weights, grads, jit_compile=jit_compile)
-    for before, after, (_, indices) in zip(history, history[1:], grads):
+    for before, after, (_, indices) in zip(history[:-1], history[1:], grads, strict=True):
         untouched = np.setdiff1d(np.arange(10), indices)
         np.testing.assert_array_equal(after[untouched], before[untouched])
     oracle = AdamOracle(weights, 0.05, TIGHT["variable_relative_threshold"], TIGHT["absolute_threshold"],
@@ -220,7 +220,7 @@ def test_no_coordinate_moves_more_than_its_bound_and_the_bound_is_tight(clipping
     optimizer = ClippyAdam(learning_rate=0.05, export_clipping_factors=True, clipping_axis=clipping_axis, **TIGHT)
     _, history, factors = run(optimizer, weights, grads)
     clipped_steps = 0
-    for before, after, factor in zip(history, history[1:], factors):
+    for before, after, factor in zip(history[:-1], history[1:], factors, strict=True):
         move = np.abs(after.astype(np.float64) - before)
         bound = TIGHT["variable_relative_threshold"] * np.abs(before.astype(np.float64)) + TIGHT["absolute_threshold"]
         assert np.all(move <= bound * (1 + 1e-5) + 1e-7)
@@ -253,7 +253,7 @@ def test_nonfinite_gradient_is_skipped_and_counted(sparse_updates, bad):
         poisoned = (values, grads[1][1])
     apply([(to_tf(poisoned), variable)])
     after = [variable.numpy(), optimizer.momentum(variable).numpy(), optimizer.velocity(variable).numpy()]
-    for old, new in zip(state, after):
+    for old, new in zip(state, after, strict=True):
         np.testing.assert_array_equal(old, new)
     assert int(optimizer.nonfinite_steps) == 1
     assert list(optimizer.nonfinite_steps_by_name().values())[0].numpy() == 1
@@ -348,9 +348,9 @@ def test_saved_model_continues_training_identically(tmp_path):
     assert int(restored.optimizer.iterations) == int(model.optimizer.iterations) == 4
     for trained in (model, restored):
         trained.fit(*second, batch_size=32, verbose=0, shuffle=False)
-    for original, reloaded in zip(model.get_weights(), restored.get_weights()):
+    for original, reloaded in zip(model.get_weights(), restored.get_weights(), strict=True):
         np.testing.assert_array_equal(original, reloaded)
-    for original, reloaded in zip(model.optimizer.variables, restored.optimizer.variables):
+    for original, reloaded in zip(model.optimizer.variables, restored.optimizer.variables, strict=True):
         np.testing.assert_array_equal(original.numpy(), reloaded.numpy())
 
 

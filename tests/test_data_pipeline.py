@@ -81,7 +81,7 @@ def test_any_dataset_gives_the_same_batches_as_the_fast_path(shuffle_window, epo
     fast_batches = positions(data.make_pipeline(fast, **arguments))
     generic_batches = positions(data.make_pipeline(generic, **arguments))
     assert len(fast_batches) == len(generic_batches)
-    for fast_batch, generic_batch in zip(fast_batches, generic_batches):
+    for fast_batch, generic_batch in zip(fast_batches, generic_batches, strict=True):
         np.testing.assert_array_equal(fast_batch, generic_batch)
 
 

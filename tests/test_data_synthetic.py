@@ -2,7 +2,6 @@
 
 import math
 import re
-import time
 
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ import tensorflow as tf
 from test_data_spec import columns
 
 from tfrs_clippy import data
+from tfrs_clippy.data.synthetic import CHUNK_SIZE
 
 
 def fitted_zipf_exponent(ids: np.ndarray, top_ranks: int = 100) -> float:
@@ -73,12 +73,30 @@ def test_splits_are_consecutive_slices_of_one_stream():
             np.testing.assert_array_equal(np.concatenate([train[part][name], test[part][name]]), column)
 
 
+def _chunk_pipeline(chunks: tf.data.Dataset) -> tuple[list, tuple]:
+    """The dataset ops of `chunks` (its serialized graph) and the (start, stop, step) of its RangeDataset."""
+    graph = tf.compat.v1.GraphDef.FromString(tf.raw_ops.DatasetToGraphV2(input_dataset=chunks._variant_tensor).numpy())
+    nodes = {node.name: node for node in graph.node}
+    ops = [node.op for node in graph.node if "Dataset" in node.op]
+    (range_node,) = [node for node in graph.node if node.op == "RangeDataset"]
+    bounds = tuple(int(tf.make_ndarray(nodes[name].attr["value"].tensor)) for name in range_node.input[:3])
+    return ops, bounds
+
+
 def test_ten_million_examples_stream_without_generating_what_is_skipped():
-    start = time.perf_counter()
+    """The test split after 10M training examples generates only the one chunk it lies in, counted rather than
+    timed: its pipeline is a map over the chunk ids [2441, 2442) and nothing that drops elements (a map runs once
+    per id, so one chunk of 4,096 examples is generated; generating the stream from 0 and skipping would need
+    ids from 0 and a skip), and reading it yields that one chunk, cut to the 10 examples."""
     splits = data.synthetic(num_train=10_000_000, num_test=10)
     assert splits.train.cardinality().numpy() == 10_000_000
+    assert splits.train.chunks.cardinality().numpy() == -(-10_000_000 // CHUNK_SIZE) == 2_442
+    for split, chunk_ids in ((splits.train, (0, 2_442, 1)), (splits.test, (2_441, 2_442, 1))):
+        ops, bounds = _chunk_pipeline(split.chunks)
+        assert set(ops) <= {"RangeDataset", "MapDataset", "ParallelMapDataset", "ParallelMapDatasetV2"}, ops
+        assert bounds == chunk_ids
+    assert [len(labels["binary_0"]) for _, labels in splits.test.chunks] == [10]
     far = columns(splits.test)
-    assert time.perf_counter() - start < 20  # generating the 10M examples before the test split would take minutes
     shifted = columns(data.synthetic(num_train=10_000_000 - 5, num_test=15).test)
     for name, column in far[0].items():
         np.testing.assert_array_equal(shifted[0][name][5:], column)

@@ -57,9 +57,9 @@ def test_workers_end_with_the_weights_of_one_process(workers, case):
     one_device = workers[0]["cases"][case]["one_device"]
     for worker in workers:
         distributed = worker["cases"][case]["distributed"]
-        for ours, theirs in zip(_arrays(distributed, "weights"), _arrays(one_device, "weights")):
+        for ours, theirs in zip(_arrays(distributed, "weights"), _arrays(one_device, "weights"), strict=True):
             np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
-        for ours, theirs in zip(_arrays(distributed, "slots"), _arrays(one_device, "slots")):
+        for ours, theirs in zip(_arrays(distributed, "slots"), _arrays(one_device, "slots"), strict=True):
             np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(
             _arrays(distributed, "clipping_factors"), _arrays(one_device, "clipping_factors"), atol=1e-5

@@ -66,7 +66,7 @@ def test_candidates_are_the_steps_the_optimizer_would_take(name):
     optimizer = _warmed_up(OPTIMIZERS[name](), variable)
     grads = _task_grads()
     candidates = update_rule_for(optimizer).candidates(variable, stack_task_gradients(grads, variable))
-    for candidate, grad in zip(candidates.updates.numpy(), grads):
+    for candidate, grad in zip(candidates.updates.numpy(), grads, strict=True):
         np.testing.assert_allclose(candidate, _delta_of_one_real_step(OPTIMIZERS[name], grad), rtol=2e-5, atol=1e-7)
     assert bool(candidates.all_finite)
 
@@ -84,7 +84,7 @@ def test_adam_candidates_match_numpy():
     m = tf_variable(optimizer._momentums[0]).numpy().astype(np.float64)
     v = tf_variable(optimizer._velocities[0]).numpy().astype(np.float64)
     t = 4
-    for candidate, grad in zip(candidates, grads):
+    for candidate, grad in zip(candidates, grads, strict=True):
         g = grad.numpy().astype(np.float64)
         m_i, v_i = 0.8 * m + 0.2 * g, 0.95 * v + 0.05 * g**2
         expected = 0.01 * np.sqrt(1 - 0.95**t) / (1 - 0.8**t) * m_i / (np.sqrt(v_i) + 1e-3)
@@ -98,7 +98,7 @@ def test_clippy_candidates_match_numpy():
     candidates = AdagradRule(optimizer).candidates(variable, stack_task_gradients(grads, variable)).updates.numpy()
     w = tf_variable(variable).numpy().astype(np.float64)
     accumulator = optimizer.accumulator(variable).numpy().astype(np.float64)
-    for candidate, grad in zip(candidates, grads):
+    for candidate, grad in zip(candidates, grads, strict=True):
         g = grad.numpy().astype(np.float64)
         update = 0.5 * g / np.sqrt(accumulator + g**2 + 1e-7)  # Algorithm 1: accumulate first
         sigma = min(1.0, np.min((0.5 * np.abs(w) + 1e-2) / np.abs(update)))
@@ -116,7 +116,7 @@ def test_clippy_adam_candidates_match_numpy():
     m, v, v_hat = (slot.numpy().astype(np.float64) for slot in (slots.momentum, slots.velocity, slots.velocity_hat))
     t = 4
     sigmas = []
-    for candidate, grad in zip(candidates.updates.numpy(), grads):
+    for candidate, grad in zip(candidates.updates.numpy(), grads, strict=True):
         g = grad.numpy().astype(np.float64)
         m_i, v_i = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g**2
         update = 0.05 * np.sqrt(1 - 0.999**t) / (1 - 0.9**t) * m_i / (np.sqrt(np.maximum(v_hat, v_i)) + 1e-7)

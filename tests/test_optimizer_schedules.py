@@ -38,7 +38,7 @@ def test_nested_schedule_is_warmed_up_at_the_same_step():
 def _numpy_adagrad(weights, grads, rates, initial_accumulator=0.1, epsilon=1e-7):
     """G += g^2; w -= lr_t * g / sqrt(G + epsilon)."""
     w, accumulator = weights.astype(np.float64), np.full_like(weights, initial_accumulator, dtype=np.float64)
-    for grad, rate in zip(grads, rates):
+    for grad, rate in zip(grads, rates, strict=True):
         accumulator += grad ** 2
         w -= rate * grad / np.sqrt(accumulator + epsilon)
     return w

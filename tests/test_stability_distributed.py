@@ -69,7 +69,7 @@ def _run_under_mirrored_strategy() -> dict:
         "max_difference_after_rollback": max(
             float(np.max(np.abs(a - b)))
             for step in range(SPIKE_BATCH, SPIKE_BATCH + SKIP + 1)
-            for a, b in zip(states.states[step], restored)
+            for a, b in zip(states.states[step], restored, strict=True)
         ),
         "sharpness_steps": sharpness.record.steps,
         "sharpness": sharpness.record.sharpness,

@@ -61,7 +61,7 @@ def test_tfrs_thresholds_warn_once_per_frozen_variable_within_the_window():
     # Each warning names its variable and carries the factor of the step it was issued after (the last one).
     last = {name: float(value) for name, value in model.optimizer.clipping_factors_by_name().items()}
     assert [name for name in monitor.over_clipped] == [name for name in last if _stem(name) in FROZEN]
-    for warning, (name, factor) in zip(caught, monitor.over_clipped.items()):
+    for warning, (name, factor) in zip(caught, monitor.over_clipped.items(), strict=True):
         assert factor == pytest.approx(last[name], rel=1e-6) and factor < 0.05
         assert str(warning.message).startswith(
             f"Variable {name!r} is over-clipped: its clipping factor has stayed below 0.05 for 20 steps "

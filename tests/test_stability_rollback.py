@@ -43,7 +43,7 @@ class _StateLog(keras.callbacks.Callback):
 
 def _assert_same_state(a, b):
     assert len(a) == len(b)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x, y)
 
 
@@ -74,7 +74,7 @@ def test_rollback_restores_exact_state_and_skips_batches():
     rows = (kept[:, None] * BATCH_SIZE + np.arange(BATCH_SIZE)).ravel()
     reference = _model()
     reference.fit(features[rows], targets[rows], batch_size=BATCH_SIZE, epochs=1, shuffle=False, verbose=0)
-    for actual, expected in zip(model.get_weights(), reference.get_weights()):
+    for actual, expected in zip(model.get_weights(), reference.get_weights(), strict=True):
         np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-7)
     # The spike was seen as a micro divergence: after the rollback the loss was back to normal.
     assert [(e.kind, e.start_step) for e in rollback.events] == [("micro", SPIKE_BATCH)]
@@ -180,7 +180,7 @@ def test_blow_up_at_step_1_rolls_back_to_the_initial_state():
     rows = np.arange((SKIP + 2) * BATCH_SIZE, BATCHES * BATCH_SIZE)
     reference = _model()
     reference.fit(features[rows], targets[rows], batch_size=BATCH_SIZE, epochs=1, shuffle=False, verbose=0)
-    for actual, expected in zip(model.get_weights(), reference.get_weights()):
+    for actual, expected in zip(model.get_weights(), reference.get_weights(), strict=True):
         np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-7)
 
 
@@ -201,7 +201,7 @@ def test_lr_factor_scales_a_linear_warmup_schedule():
     rows = np.arange((SKIP + 2) * BATCH_SIZE, BATCHES * BATCH_SIZE)
     reference = _model(LinearWarmup(0.05, warmup_steps=5))
     reference.fit(features[rows], targets[rows], batch_size=BATCH_SIZE, epochs=1, shuffle=False, verbose=0)
-    for actual, expected in zip(model.get_weights(), reference.get_weights()):
+    for actual, expected in zip(model.get_weights(), reference.get_weights(), strict=True):
         np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-7)
 
 

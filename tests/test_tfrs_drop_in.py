@@ -371,9 +371,10 @@ def test_a_checkpoint_of_either_class_restores_into_the_other(tmp_path, directio
         assert [float(f) for f in reader.clipping_factors] == [float(f) for f in writer.clipping_factors]
         assert min(float(f) for f in writer.clipping_factors) < 1.0  # a clipped step: the factors are not defaults
     _train(reader, restored, range(3, 6))
-    for ours, theirs in zip(restored, reference):
+    for ours, theirs in zip(restored, reference, strict=True):
         np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=0, atol=1e-6)
-    for ours, theirs in zip(_accumulators(reader, restored), _accumulators(reference_optimizer, reference)):
+    ours_and_theirs = zip(_accumulators(reader, restored), _accumulators(reference_optimizer, reference), strict=True)
+    for ours, theirs in ours_and_theirs:
         np.testing.assert_allclose(ours, theirs, rtol=1e-6)
 
 
