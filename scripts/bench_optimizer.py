@@ -294,10 +294,10 @@ def run_train_steps(args: argparse.Namespace, presets: list[str], report: Callab
     import numpy as np
     import tensorflow as tf
 
-    import models
     import tfrs_clippy
-    from models import RankerConfig
+    import tfrs_clippy_models as models
     from tfrs_clippy import data
+    from tfrs_clippy_models import RankerConfig
 
     keras = tfrs_clippy.keras
     splits = data.movielens_100k()

@@ -42,8 +42,8 @@ from typing import Any, Callable
 
 import tensorflow as tf
 
-import models
 import tfrs_clippy
+import tfrs_clippy_models as models
 from tfrs_clippy.data import census_income, make_pipeline, movielens_100k
 from tfrs_clippy.keras_runtime import keras
 

@@ -9,7 +9,7 @@ ReLU layer follows, and each task has a head (binary: a logit, regression: a val
 The weights are drawn from NumPy (not Keras's backend-specific random streams) and the data is fed in time order,
 so the run computes the same numbers on TensorFlow, JAX and PyTorch: the test compares them. Prints one line per
 epoch and writes JSON (per-task held-out AUC / RMSE, the training loss, ClippyAdagrad's clipping factors, a digest
-of the final weights) to --out.
+of the final weights) to --out, and rewrites table.md beside it from every run there (one row per backend).
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import shlex
 import sys
 import time
 
-from experiments.records import stderr_silenced
+from experiments.records import commit, stderr_silenced
 
 with stderr_silenced():  # TensorFlow's C++ start-up lines (tfrs_clippy.data reads the data with tf.data)
     import keras
@@ -141,8 +142,26 @@ def evaluate(model: keras.Model, spec, test) -> dict:
     return metrics
 
 
+def write_table(folder: pathlib.Path) -> pathlib.Path:
+    """table.md in `folder`: the last epoch of every run's JSON there, one row per file."""
+    lines = ["| backend | dataset | epochs | held-out metrics (last epoch) | smallest clipping factor | skipped steps "
+             "| seconds | command | commit |", "|---|---|---:|---|---:|---:|---:|---|---|"]
+    for path in sorted(folder.glob("*.json")):
+        run = json.loads(path.read_text())
+        last = run["history"][-1]
+        metrics = ", ".join(f"{task} {name} {value:.4f}" for task, values in last["test"].items()
+                            for name, value in values.items())
+        lines.append(f"| {run['backend']} | {run['config']['dataset']} | {last['epoch']} | {metrics} | "
+                     f"{min(run['clipping_factors'].values()):.3f} | {run['nonfinite_steps']} | {run['seconds']:.0f} | "
+                     f"`{run['command']}` | `{run['commit']}` |")
+    table = folder / "table.md"
+    table.write_text("\n".join(lines) + "\n")
+    return table
+
+
 def main(argv=None) -> dict:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
     backend = keras.backend.backend()
     started = time.time()
     with stderr_silenced():  # tf.data's and the CUDA probe's C++ log lines
@@ -163,7 +182,9 @@ def main(argv=None) -> dict:
               f"test {json.dumps(metrics)}; {elapsed:.0f} s, about {left:.0f} s left", flush=True)
     weights = [keras.ops.convert_to_numpy(w).astype(np.float64) for w in model.weights]
     report = {
-        "backend": backend, "config": {k: str(v) for k, v in vars(args).items()}, "history": history,
+        "backend": backend, "command": " ".join(["KERAS_BACKEND=" + backend, "python scripts/keras_rs_ranker.py",
+                                                  *map(shlex.quote, argv)]),
+        "commit": commit(), "config": {k: str(v) for k, v in vars(args).items()}, "history": history,
         "clipping_factors": {k: float(keras.ops.convert_to_numpy(v))
                              for k, v in optimizer.clipping_factors_by_name().items()},
         "nonfinite_steps": int(keras.ops.convert_to_numpy(optimizer.nonfinite_steps)),
@@ -173,7 +194,7 @@ def main(argv=None) -> dict:
     out = args.out or pathlib.Path("results/keras_rs") / f"{args.dataset}_{backend}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
-    print(f"[keras_rs_ranker] wrote {out}")
+    print(f"[keras_rs_ranker] wrote {out} and {write_table(out.parent)}")
     return report
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 
-import models
+import tfrs_clippy_models as models
 from tfrs_clippy.data import DatasetSpec, movielens_100k, synthetic
 from tfrs_clippy.keras_runtime import keras
 

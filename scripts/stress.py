@@ -60,7 +60,7 @@ with stderr_silenced():
     import numpy as np
     import tensorflow as tf
 
-    import models
+    import tfrs_clippy_models as models
     from tfrs_clippy.data import make_pipeline, shock_stream
     from tfrs_clippy.data.shock import SHOCKS
     from tfrs_clippy.keras_runtime import keras

@@ -12,8 +12,8 @@ from typing import Any, Optional
 
 import tensorflow as tf
 
-import models
 import tfrs_clippy
+import tfrs_clippy_models as models
 from tfrs_clippy import data
 from tfrs_clippy.keras_runtime import keras
 from tfrs_clippy.optimizers import DEFAULT_SETTINGS, LinearWarmup

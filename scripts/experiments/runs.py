@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-import models
+import tfrs_clippy_models as models
 from tfrs_clippy.data import ChunkedExamples, Splits, census_income, make_pipeline, movielens_100k, synthetic
 from tfrs_clippy.keras_runtime import keras
 from tfrs_clippy.optimizers import LinearWarmup, build_optimizer

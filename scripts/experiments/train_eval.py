@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import tensorflow as tf
 
-import models
+import tfrs_clippy_models as models
 from tfrs_clippy import data
 from tfrs_clippy.keras_runtime import keras
 

@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-import models
+import tfrs_clippy_models as models
 from tfrs_clippy.optimizers import METHODS
 
 from experiments.flags import int_list, json_object, non_negative_int, positive_float, positive_int

@@ -18,7 +18,7 @@ from typing import Any
 
 import tensorflow as tf
 
-import models
+import tfrs_clippy_models as models
 from tfrs_clippy.keras_runtime import keras
 
 from experiments import train_eval

@@ -5,9 +5,9 @@ import json
 import pytest
 import yaml
 
-import models
-from models import RankerConfig
+import tfrs_clippy_models as models
 from tfrs_clippy.data.spec import DatasetSpec
+from tfrs_clippy_models import RankerConfig
 
 
 def test_presets_have_the_papers_shapes():

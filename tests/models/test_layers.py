@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from models.bottoms import CrossNetwork, MixtureOfExperts, SharedBottom
-from models.embedding import FeatureEmbedding
 from tfrs_clippy.data.spec import DatasetSpec, FeatureSpec, TaskSpec
+from tfrs_clippy_models.bottoms import CrossNetwork, MixtureOfExperts, SharedBottom
+from tfrs_clippy_models.embedding import FeatureEmbedding
 
 
 def _softmax(logits):

@@ -5,10 +5,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-import models
-from models import RankerConfig
-from models.ranker import output_bias
+import tfrs_clippy_models as models
 from tfrs_clippy.data.spec import DatasetSpec, TaskSpec
+from tfrs_clippy_models import RankerConfig
+from tfrs_clippy_models.ranker import output_bias
 
 SMALL = {"bottom_units": (16, 8), "tower_units": (8,), "num_experts": 2}
 CLICK_RATE = 0.2

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import models
 import tfrs_clippy
-from models import RankerConfig
+import tfrs_clippy_models as models
 from tfrs_clippy.keras_runtime import keras
+from tfrs_clippy_models import RankerConfig
 
 TINY_WIDTH = 14  # the tiny spec's input width: 4 + 4 + 4 + 2
 TINY_EMBEDDING_PARAMETERS = 10 * 4 + 20 * 4  # the user table, and the item table that "history" shares
@@ -258,7 +258,7 @@ import tensorflow as tf
 
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-import models
+import tfrs_clippy_models as models
 from tfrs_clippy.data.spec import DatasetSpec
 from tfrs_clippy.keras_runtime import keras
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import models
 import tfrs_clippy
-from models import RankerConfig
+import tfrs_clippy_models as models
 from tfrs_clippy.data.spec import DatasetSpec, FeatureSpec, TaskSpec
 from tfrs_clippy.keras_runtime import keras
 from tfrs_clippy.multitask import BalancingConfig
+from tfrs_clippy_models import RankerConfig
 
 SMALL = {"bottom_units": (16, 8), "tower_units": (8,), "num_experts": 2}
 

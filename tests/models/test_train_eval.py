@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import models
+import tfrs_clippy_models as models
 from tfrs_clippy import data
 from tfrs_clippy.keras_runtime import keras
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import models
+import tfrs_clippy_models as models
 from tfrs_clippy import data
 
 import train  # scripts/ is on sys.path (tests/conftest.py)

@@ -10,11 +10,11 @@ from the same weights (same losses, weights within float32 tolerance). Compiling
 import numpy as np
 import pytest
 
-import models
 import tfrs_clippy
-from models import RankerConfig
+import tfrs_clippy_models as models
 from tfrs_clippy.keras_runtime import keras
 from tfrs_clippy.optimizers import METHODS, PAPER_GRIDS
+from tfrs_clippy_models import RankerConfig
 
 SCALE = 1 / 64  # widths 8 (small) and 64 (large): every layer of the preset, little compute
 STEPS = 2
