@@ -33,11 +33,11 @@ install-backends: $(BACKENDS_VENV)/.installed
 $(BACKENDS_VENV)/.installed: setup.py
 	$(call new_venv,$(BACKENDS_VENV),test$(comma)jax)
 
-# Every test, once per Keras runtime, each in its own processes: the two runtimes side by side (most tests use one
-# core; each pass prints its report when it ends), then the Keras 3 backends' pass.
+# Every test, once per Keras runtime and once on JAX, each in its own processes, two at a time (most tests use one
+# core): the long Keras 2 pass beside the Keras 3 pass, then the backends' pass in the freed slot. Each pass prints
+# its report when it ends.
 test: install
-	$(MAKE) --no-print-directory -j2 --output-sync=target test-keras2 test-keras3
-	$(MAKE) --no-print-directory test-backends
+	$(MAKE) --no-print-directory -j2 --output-sync=target test-keras2 test-keras3 test-backends
 
 # Keras 3's other backends, in $(BACKENDS_VENV): the optimizers against the NumPy oracle on JAX (and PyTorch where
 # installed), and the keras-rs example's numbers on every backend against TensorFlow's.

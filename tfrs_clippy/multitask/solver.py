@@ -78,7 +78,7 @@ def nash_weights(
         initial: A warm start (e.g. the previous solution), any positive [K] vector, used when it is closer (in f)
             than the cold start; None starts cold. Only its direction matters: it is rescaled to the best multiple.
         max_iterations: Most Newton steps (K > 2). The authors' solver ran at most 20 iterations.
-        ridge: Added to M's diagonal, relative to its mean diagonal (see the module docstring).
+        ridge: Adds ridge * M_ii to each diagonal entry of M (see the module docstring).
         tolerance: Stop once the squared Newton decrement (f's predicted decrease, doubled) is below this.
 
     Returns:

@@ -70,6 +70,10 @@ def smallest_moving_scale(rule: Optional[ScalingRule], scale: tf.Tensor, step: S
     """
     if rule is None:
         return ops.ones([], scale.dtype)  # and no pass over the update
+    if _has_fast_scale(rule, clipping_axis, len(step.update.shape)):
+        # Clippy per tensor: a coordinate that does not move has ratio 1, so sigma is already the minimum over the
+        # moving ones (1 if none moves); no second pass over the update.
+        return ops.reshape(scale, [])
     reduce_axes = reduce_axes_for(len(step.update.shape), clipping_axis)
     moves = ops.any(step.update != 0.0, axis=reduce_axes, keepdims=True)
     moving_scales = ops.where(moves, scale, ops.full_like(scale, float("inf")))
