@@ -7,9 +7,10 @@ Every feature gets an embedding (multi-hot: the mean of its ids'), the numeric o
 `keras_rs.layers.FeatureCross` layers cross the concatenation x0 with itself (x_{l+1} = x0 * (W x_l + b) + x_l), a
 ReLU layer follows, and each task has a head (binary: a logit, regression: a value) starting at its label prior.
 The weights are drawn from NumPy (not Keras's backend-specific random streams) and the data is fed in time order,
-so the run computes the same numbers on TensorFlow, JAX and PyTorch: the test compares them. Prints one line per
-epoch and writes JSON (per-task held-out AUC / RMSE, the training loss, ClippyAdagrad's clipping factors, a digest
-of the final weights) to --out, and rewrites table.md beside it from every run there (one row per backend).
+so the run computes the same numbers on TensorFlow, JAX and PyTorch, to float rounding: the test compares them.
+Prints one line per epoch and writes JSON (per-task held-out AUC / RMSE, the training loss, ClippyAdagrad's
+clipping factors, digests of the final weights) to --out, and rewrites table.md beside it from every run there
+(one row per backend).
 """
 
 from __future__ import annotations
@@ -189,6 +190,9 @@ def main(argv=None) -> dict:
                              for k, v in optimizer.clipping_factors_by_name().items()},
         "nonfinite_steps": int(keras.ops.convert_to_numpy(optimizer.nonfinite_steps)),
         "weight_sums": {w.path: float(np.abs(v).sum()) for w, v in zip(model.weights, weights, strict=True)},
+        # Values at five fixed positions of each weight: signs and positions, which sums of magnitudes cannot see.
+        "weight_probes": {w.path: [float(v.flat[i]) for i in np.linspace(0, v.size - 1, 5).astype(int)]
+                          for w, v in zip(model.weights, weights, strict=True)},
         "seconds": time.time() - started,
     }
     out = args.out or pathlib.Path("results/keras_rs") / f"{args.dataset}_{backend}.json"

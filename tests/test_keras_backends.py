@@ -1,11 +1,16 @@
 """The optimizers on whichever Keras 3 backend this process runs (`KERAS_BACKEND`): TensorFlow, JAX or PyTorch.
 
 Written with `keras` and NumPy only, so that the same file checks the TensorFlow path (Keras 3's TensorFlow pass of
-`make test`) and the backend-neutral `keras.ops` path (`make test-jax`, and `make test-torch` where PyTorch is
+`make test`) and the backend-neutral `keras.ops` path (`make test-backends`: JAX, and PyTorch where it is
 installed) against the NumPy oracle of tests/numpy_oracle.py, independent of the library.
 """
 
 from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -43,7 +48,9 @@ def run_steps(optimizer, grads=GRADS, weights=WEIGHTS, name="w"):
 
 
 def test_backend_is_the_requested_one():
-    assert keras.backend.backend() == BACKEND
+    """The pass runs where `make` sent it (KERAS_BACKEND unset means TensorFlow), and the library agrees."""
+    requested = os.environ.get("KERAS_BACKEND", "tensorflow")
+    assert keras.backend.backend() == requested and BACKEND == requested
 
 
 @pytest.mark.parametrize("mode", ["standard", "delayed", "delayed_clipped"])
@@ -125,9 +132,14 @@ def test_exclude_from_clipping_matches_the_variable_path():
         optimizer.apply_gradients([(keras.ops.convert_to_tensor(grad), layer.kernel)])
     plain = scaled_adagrad_numpy(WEIGHTS, GRADS, 0.5, lambda g, w, r: 1.0)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.kernel), plain, rtol=1e-5, atol=1e-6)
-    clipped = tfrs_clippy.ClippyAdagrad.from_paper(learning_rate=0.5)
-    variable = run_steps(clipped)
-    assert not np.allclose(keras.ops.convert_to_numpy(variable), plain)  # the exclusion is what kept it plain
+    # The control: the same variable path with a pattern that does not match it is clipped.
+    control = keras.layers.Dense(4, name="item_embedding_proj", use_bias=False)
+    control.build((None, 6))
+    control.kernel.assign(WEIGHTS)
+    clipped = tfrs_clippy.ClippyAdagrad.from_paper(learning_rate=0.5, exclude_from_clipping=["^embedding"])
+    for grad in GRADS:
+        clipped.apply_gradients([(keras.ops.convert_to_tensor(grad), control.kernel)])
+    assert not np.allclose(keras.ops.convert_to_numpy(control.kernel), plain)
 
 
 def _linear_model() -> keras.Model:
@@ -171,3 +183,36 @@ def test_fit_compiled_equals_eager_and_a_saved_model_trains_on_identically(tmp_p
         model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
     for original, loaded in zip(_weights(runs[True]), _weights(restored), strict=True):
         np.testing.assert_allclose(loaded, original, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["clippy", "clippy_adam"])
+def test_a_compiled_fit_on_a_non_finite_batch_changes_no_weight_and_counts_every_variable(method):
+    x, y = _data()
+    y = y.copy()
+    y[:16] = np.nan  # the first batch's loss, and so every gradient, is NaN
+    model = _linear_model()
+    model.compile(optimizer=tfrs_clippy.build_optimizer(method, 0.5, export_clipping_factors=True), loss="mse",
+                  jit_compile=True)
+    model.fit(x[:16], y[:16], batch_size=16, epochs=1, shuffle=False, verbose=0)  # builds; one skipped step
+    before = _weights(model)
+    model.fit(x[:16], y[:16], batch_size=16, epochs=1, shuffle=False, verbose=0)
+    for old, new in zip(before, _weights(model), strict=True):
+        np.testing.assert_array_equal(new, old)
+    assert int(keras.ops.convert_to_numpy(model.optimizer.nonfinite_steps)) == 2 * len(model.trainable_weights)
+    assert all(float(keras.ops.convert_to_numpy(f)) == 0.0 for f in model.optimizer.clipping_factors)
+    model.fit(x[16:], y[16:], batch_size=16, epochs=1, shuffle=False, verbose=0)  # finite batches train again
+    assert not np.allclose(_weights(model)[0], before[0])
+
+
+def test_a_backend_that_cannot_train_is_refused_at_creation():
+    if importlib.util.find_spec("jax") is None:
+        pytest.skip("Keras's numpy backend imports jax, which lives in .venv-backends (make test-backends runs this)")
+    code = ("import tfrs_clippy\n"
+            "try:\n    tfrs_clippy.ClippyAdagrad(learning_rate=0.1)\n"
+            "except tfrs_clippy.keras_runtime.UnsupportedBackendError as error:\n    print(error)\n")
+    env = dict(os.environ, KERAS_BACKEND="numpy", TF_CPP_MIN_LOG_LEVEL="3")
+    env.pop("TF_USE_LEGACY_KERAS", None)
+    process = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stderr[-3000:]
+    message = process.stdout
+    assert "'numpy'" in message and "KERAS_BACKEND" in message and "jax" in message, message

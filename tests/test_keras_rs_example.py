@@ -1,5 +1,5 @@
 """scripts/keras_rs_ranker.py (a keras-rs `FeatureCross` ranker trained with ClippyAdagrad) computes the same numbers
-on every Keras 3 backend; and a backend that cannot train is refused when the optimizer is created."""
+on every Keras 3 backend."""
 
 from __future__ import annotations
 
@@ -62,16 +62,9 @@ def test_every_backend_computes_the_tensorflow_numbers(backend, tensorflow_run, 
     assert sorted(run["weight_sums"]) == names
     np.testing.assert_allclose([run["weight_sums"][n] for n in names],
                                [tensorflow_run["weight_sums"][n] for n in names], rtol=1e-4)
+    for name in names:
+        np.testing.assert_allclose(run["weight_probes"][name], tensorflow_run["weight_probes"][name], rtol=1e-4,
+                                   atol=1e-6, err_msg=name)
     np.testing.assert_allclose([run["clipping_factors"][n] for n in names],
                                [tensorflow_run["clipping_factors"][n] for n in names], rtol=1e-4)
 
-
-def test_a_backend_that_cannot_train_is_refused_at_creation():
-    code = ("import tfrs_clippy\n"
-            "try:\n    tfrs_clippy.ClippyAdagrad(learning_rate=0.1)\n"
-            "except tfrs_clippy.keras_runtime.UnsupportedBackendError as error:\n    print(error)\n")
-    process = subprocess.run([sys.executable, "-c", code], env=_backend_env("numpy"), capture_output=True,
-                             text=True, timeout=300)
-    assert process.returncode == 0, process.stderr[-3000:]
-    message = process.stdout
-    assert "'numpy'" in message and "KERAS_BACKEND" in message and "jax" in message, message

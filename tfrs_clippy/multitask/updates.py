@@ -46,7 +46,7 @@ import tensorflow as tf
 
 from tfrs_clippy.keras_runtime import LEGACY_KERAS, keras
 from tfrs_clippy.optimizers import adam_core, core
-from tfrs_clippy.optimizers.rules import ScalingRule, StepInputs
+from tfrs_clippy.optimizers.rules import ScalingRule, StepInputs, call_rule
 from tfrs_clippy.optimizers.scaled_adagrad import ScaledAdagrad
 from tfrs_clippy.optimizers.scaled_adam import ScaledAdam
 from tfrs_clippy.optimizers.tensor_ops import TF_OPS, TensorOps
@@ -291,7 +291,7 @@ class _RuleOnMove:
         move = ops.cast(self.move, step.update.dtype)
         direction = ops.divide_no_nan(move, ops.cast(self.learning_rate, move.dtype))
         self.inputs = step._replace(update=move, direction=direction)
-        return self.rule(self.inputs, reduce_axes, ops)
+        return call_rule(self.rule, self.inputs, reduce_axes, ops)
 
 
 class ScaledRule(UpdateRule):

@@ -100,8 +100,8 @@ def scaled_adam_step(
     variable = ops.cast(variable, dtype)
     learning_rate = ops.cast(learning_rate, dtype)
     t = ops.cast(step, dtype)
-    momentum_correction = 1 - ops.power(ops.full_like(t, beta_1), t)
-    velocity_correction = ops.sqrt(1 - ops.power(ops.full_like(t, beta_2), t))
+    momentum_correction = 1 - ops.power(ops.constant_like(t, beta_1), t)
+    velocity_correction = ops.sqrt(1 - ops.power(ops.constant_like(t, beta_2), t))
     alpha = learning_rate * velocity_correction / momentum_correction
     new_momentum = momentum + (grad - momentum) * (1 - beta_1)
     new_velocity = velocity + (ops.square(grad) - velocity) * (1 - beta_2)

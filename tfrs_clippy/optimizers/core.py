@@ -28,7 +28,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import tensorflow as tf
 
-from tfrs_clippy.optimizers.rules import ClippyRule, ScalingRule, StepInputs, reduce_axes_for
+from tfrs_clippy.optimizers.rules import ClippyRule, ScalingRule, StepInputs, call_rule, reduce_axes_for
 from tfrs_clippy.optimizers.tensor_ops import TF_OPS, TensorOps
 from tfrs_clippy.xla_context import in_xla_context
 
@@ -57,7 +57,7 @@ def apply_rule(rule: Optional[ScalingRule], step: StepInputs, clipping_axis: Opt
     rank = len(step.update.shape)
     if rule is None:
         return ops.ones([1] * rank, step.update.dtype)
-    return rule(step, reduce_axes_for(rank, clipping_axis), ops)
+    return call_rule(rule, step, reduce_axes_for(rank, clipping_axis), ops)
 
 
 def smallest_moving_scale(rule: Optional[ScalingRule], scale: tf.Tensor, step: StepInputs,
@@ -76,7 +76,7 @@ def smallest_moving_scale(rule: Optional[ScalingRule], scale: tf.Tensor, step: S
         return ops.reshape(scale, [])
     reduce_axes = reduce_axes_for(len(step.update.shape), clipping_axis)
     moves = ops.any(step.update != 0.0, axis=reduce_axes, keepdims=True)
-    moving_scales = ops.where(moves, scale, ops.full_like(scale, float("inf")))
+    moving_scales = ops.where(moves, scale, ops.constant_like(scale, float("inf")))
     return ops.where(ops.any(moves), ops.min(moving_scales), ops.ones([], scale.dtype))
 
 
@@ -151,16 +151,26 @@ class Slots:
     nonfinite_steps: tf.Variable  # int64 scalar: steps skipped for a non-finite gradient
 
 
-def record_step(slots: Any, result: Any) -> list:
-    """Counts a skipped step, and exports the step's smallest scale (0 for a skipped step).
+def step_record(slots: Any, result: Any, ops: TensorOps = TF_OPS) -> tuple[Any, Optional[Any]]:
+    """What a step adds to its skip count (1 if skipped, else 0) and the factor it exports (its smallest scale; 0
+    for a skipped step; None without `export_clipping_factors`).
 
     `slots` is any optimizer state with `clipping_factor` (or None) and `nonfinite_steps` (`Slots`,
     `adam_core.AdamSlots`); `result` any step result with `smallest_scale` and `all_finite`.
     """
-    updates = [slots.nonfinite_steps.assign_add(tf.cast(tf.logical_not(result.all_finite), tf.int64))]
-    if slots.clipping_factor is not None:
-        smallest_scale = tf.cast(result.smallest_scale, slots.clipping_factor.dtype)
-        updates.append(slots.clipping_factor.assign(tf.where(result.all_finite, smallest_scale, 0.0)))
+    skipped = ops.cast(ops.logical_not(result.all_finite), slots.nonfinite_steps.dtype)
+    if slots.clipping_factor is None:
+        return skipped, None
+    smallest_scale = ops.cast(result.smallest_scale, slots.clipping_factor.dtype)
+    return skipped, ops.where(result.all_finite, smallest_scale, 0.0)
+
+
+def record_step(slots: Any, result: Any) -> list:
+    """Writes `step_record` to the slots' TensorFlow variables; returns the assignments."""
+    skipped, factor = step_record(slots, result)
+    updates = [slots.nonfinite_steps.assign_add(skipped)]
+    if factor is not None:
+        updates.append(slots.clipping_factor.assign(factor))
     return updates
 
 

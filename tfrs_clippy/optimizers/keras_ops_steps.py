@@ -16,14 +16,11 @@ from tfrs_clippy.optimizers.tensor_ops import keras_ops
 
 
 def _record_step(optimizer: Any, slots: Any, outcome: Any) -> None:
-    """`core.record_step` through `optimizer.assign`: count a skipped step, export the smallest scale (0 if
-    skipped)."""
-    ops = keras_ops()
-    skipped = ops.cast(ops.logical_not(outcome.all_finite), slots.nonfinite_steps.dtype)
+    """`core.step_record` written through `optimizer.assign`."""
+    skipped, factor = core.step_record(slots, outcome, keras_ops())
     optimizer.assign_add(slots.nonfinite_steps, skipped)
-    if slots.clipping_factor is not None:
-        smallest_scale = ops.cast(outcome.smallest_scale, slots.clipping_factor.dtype)
-        optimizer.assign(slots.clipping_factor, ops.where(outcome.all_finite, smallest_scale, 0.0))
+    if factor is not None:
+        optimizer.assign(slots.clipping_factor, factor)
 
 
 def apply_adagrad(optimizer: Any, variable: Any, grad: Any, slots: core.Slots, learning_rate: Any,

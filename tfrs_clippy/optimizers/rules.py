@@ -36,8 +36,18 @@ class StepInputs(NamedTuple):
     update: tf.Tensor  # lr * direction: the unscaled step
 
 
+def call_rule(rule: "ScalingRule", step: StepInputs, reduce_axes: Sequence[int], ops: TensorOps) -> tf.Tensor:
+    """`rule(step, reduce_axes)`, with `ops` only when it is not TensorFlow's: a rule written before rules took
+    `ops` (two arguments) keeps working on TensorFlow."""
+    return rule(step, reduce_axes) if ops is TF_OPS else rule(step, reduce_axes, ops)
+
+
 class ScalingRule(Protocol):
-    """Maps a step to its scale sigma: a scalar, or one value per slice when `reduce_axes` is narrower."""
+    """Maps a step to its scale sigma: a scalar, or one value per slice when `reduce_axes` is narrower.
+
+    `ops` (`tensor_ops`) is what to compute with; callers pass it only off TensorFlow (`call_rule`), so a rule that
+    takes just (step, reduce_axes) serves TensorFlow unchanged.
+    """
 
     def __call__(self, step: StepInputs, reduce_axes: Sequence[int], ops: TensorOps = TF_OPS) -> tf.Tensor:
         ...
@@ -54,7 +64,7 @@ def reduce_axes_for(rank: int, clipping_axis: Optional[int]) -> list[int]:
 def _scaled_term(threshold: float, reference: tf.Tensor, ops: TensorOps) -> tf.Tensor:
     """threshold * reference, where an infinite threshold means "no limit" (inf) but still 0 for a 0 reference."""
     if math.isinf(threshold):
-        return ops.where(reference > 0, ops.full_like(reference, math.inf), ops.zeros_like(reference))
+        return ops.where(reference > 0, ops.constant_like(reference, math.inf), ops.zeros_like(reference))
     return threshold * reference
 
 
@@ -100,7 +110,7 @@ class GradientClippingRule:
 
     def __call__(self, step: StepInputs, reduce_axes: Sequence[int], ops: TensorOps = TF_OPS) -> tf.Tensor:
         grad_norm = _norm(step.grad, reduce_axes, ops)
-        clipped = ops.divide_no_nan(ops.full_like(grad_norm, self.threshold), grad_norm)
+        clipped = ops.divide_no_nan(ops.constant_like(grad_norm, self.threshold), grad_norm)
         return ops.where(grad_norm > self.threshold, clipped, ops.ones_like(grad_norm))
 
 
@@ -162,7 +172,7 @@ class MinimumRule:
     rules: tuple
 
     def __call__(self, step: StepInputs, reduce_axes: Sequence[int], ops: TensorOps = TF_OPS) -> tf.Tensor:
-        scales = [rule(step, reduce_axes, ops) for rule in self.rules]
+        scales = [call_rule(rule, step, reduce_axes, ops) for rule in self.rules]
         smallest = scales[0]
         for scale in scales[1:]:
             smallest = ops.minimum(smallest, scale)

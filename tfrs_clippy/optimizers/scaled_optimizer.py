@@ -53,11 +53,11 @@ def normalize_learning_rate(learning_rate: Any) -> Any:
     return learning_rate
 
 
-_COUNT_DTYPE = tf.int64 if BACKEND == "tensorflow" else tf.int32
-"""The skip counters' dtype: int32 off TensorFlow, JAX's widest integer unless x64 is enabled."""
+_COUNT_DTYPE = tf.int32 if BACKEND == "jax" else tf.int64
+"""The skip counters' dtype: int64, but int32 on JAX (its widest integer unless x64 is enabled)."""
 
 
-def _ops():
+def _backend_ops():
     """The tensor operations of this process's backend, for the read-outs."""
     return TF_OPS if BACKEND == "tensorflow" else keras_ops()
 
@@ -72,7 +72,7 @@ class Scaling(NamedTuple):
 class ScaledOptimizer(RuntimeOptimizer):
     """A base optimizer's step, scaled per variable by `scaling_rule()`; see the module docstring.
 
-    Every model variable gets its family's state, an int64 (int32 off TensorFlow) count of steps skipped for a
+    Every model variable gets its family's state, an int64 (int32 on JAX) count of steps skipped for a
     non-finite gradient and, with `export_clipping_factors=True`, a scalar holding the smallest scale of its last
     step (float32; float64 for float64 variables).
     """
@@ -173,7 +173,8 @@ class ScaledOptimizer(RuntimeOptimizer):
         return [slots.clipping_factor for slots in self._slots if slots.clipping_factor is not None]
 
     def _by_name(self, read: Callable[[Any], Any]) -> dict[str, tf.Tensor]:
-        return {name: _ops().convert_to_tensor(read(slots)) for name, slots in zip(self._slot_names, self._slots)}
+        ops = _backend_ops()
+        return {name: ops.convert_to_tensor(read(slots)) for name, slots in zip(self._slot_names, self._slots)}
 
     def clipping_factors_by_name(self) -> dict[str, tf.Tensor]:
         """{model variable name: smallest scale of its last step}; needs `export_clipping_factors=True`.
@@ -185,7 +186,7 @@ class ScaledOptimizer(RuntimeOptimizer):
             raise ValueError(
                 "clipping_factors_by_name() needs the optimizer built with export_clipping_factors=True."
             )
-        return {name: _ops().cast(factor, "float32")
+        return {name: _backend_ops().cast(factor, "float32")
                 for name, factor in self._by_name(lambda slots: slots.clipping_factor).items()}
 
     def nonfinite_steps_by_name(self) -> dict[str, tf.Tensor]:

@@ -23,7 +23,8 @@ class TensorOps:
     """Element-wise and reduction operations, with TensorFlow's names where TensorFlow and NumPy differ.
 
     Reductions take `axis` (a sequence of ints, possibly empty) and `keepdims`. `cast` and `ones` take a dtype of
-    the bound library or its name; `full_like(x, value)` is a tensor of x's shape and dtype filled with `value`.
+    the bound library or its name; `constant_like(x, value)` is the scalar `value` in x's dtype (exact: a
+    Python float is not rounded through float32 first), which broadcasts against x.
     """
 
     abs: Callable
@@ -32,7 +33,7 @@ class TensorOps:
     cast: Callable
     convert_to_tensor: Callable
     divide_no_nan: Callable
-    full_like: Callable
+    constant_like: Callable
     is_finite: Callable
     logical_and: Callable
     logical_not: Callable
@@ -65,7 +66,7 @@ TF_OPS = TensorOps(
     cast=tf.cast,
     convert_to_tensor=tf.convert_to_tensor,
     divide_no_nan=tf.math.divide_no_nan,
-    full_like=lambda x, value: tf.fill(tf.shape(x), tf.constant(value, x.dtype)),
+    constant_like=lambda x, value: tf.constant(value, x.dtype),
     is_finite=tf.math.is_finite,
     logical_and=tf.logical_and,
     logical_not=tf.logical_not,
@@ -106,7 +107,7 @@ def keras_ops() -> TensorOps:
         cast=ops.cast,
         convert_to_tensor=ops.convert_to_tensor,
         divide_no_nan=ops.divide_no_nan,
-        full_like=lambda x, value: ops.full_like(x, value),
+        constant_like=lambda x, value: ops.convert_to_tensor(value, dtype=x.dtype),
         is_finite=ops.isfinite,
         logical_and=ops.logical_and,
         logical_not=ops.logical_not,
