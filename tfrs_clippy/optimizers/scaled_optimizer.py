@@ -11,8 +11,10 @@ steps outside the optimizer (PUB, `multitask.updates`) a variable's rule and gra
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+import operator
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import tensorflow as tf
@@ -196,11 +198,9 @@ class ScaledOptimizer(RuntimeOptimizer):
     @property
     def nonfinite_steps(self) -> tf.Tensor:
         """Total number of (variable, step) updates skipped for a non-finite gradient."""
-        if BACKEND != "tensorflow":
-            return sum((keras_ops().convert_to_tensor(slots.nonfinite_steps) for slots in self._slots),
-                       start=keras_ops().convert_to_tensor(0))
-        counts = [tf.convert_to_tensor(slots.nonfinite_steps) for slots in self._slots]
-        return tf.add_n(counts) if counts else tf.constant(0, tf.int64)
+        ops = _backend_ops()
+        counts = [ops.convert_to_tensor(slots.nonfinite_steps) for slots in self._slots]
+        return functools.reduce(operator.add, counts) if counts else ops.cast(0, _COUNT_DTYPE)
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
