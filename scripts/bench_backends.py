@@ -4,8 +4,9 @@
 
 Runs itself with KERAS_BACKEND=jax. Each variant is one `jax.jit`-compiled step over the MLP's weights with given
 gradients (Keras optimizers through `stateless_apply`, as Keras's JAX trainer calls them; optax through
-`update` + `apply_updates`), timed in interleaved rounds; a variant's ratio is the median over rounds of its time
-over optax's in the same round. Writes bench_backends.{json,md} to --out with the command, commit and load.
+`update` + `apply_updates`), timed in interleaved rounds (`experiments.timing.interleaved`, as bench_optimizer.py
+does); a variant's ratio is the median over rounds of its time over optax's in the same round. Writes
+bench_backends.{json,md} to --out with the command, commit and load.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import json
 import os
 import pathlib
 import shlex
-import statistics
 import sys
 import time
 
@@ -24,6 +24,7 @@ os.environ["KERAS_BACKEND"] = "jax"  # before Keras is imported
 os.environ.pop("TF_USE_LEGACY_KERAS", None)
 
 from experiments.records import commit, stderr_silenced  # noqa: E402
+from experiments.timing import interleaved  # noqa: E402
 
 with stderr_silenced():  # TensorFlow's C++ start-up lines (tfrs_clippy imports it)
     import jax
@@ -87,24 +88,12 @@ def main(argv=None) -> None:
                             ("tfrs_clippy.Adagrad", tfrs_clippy.Adagrad(0.1)),
                             ("ClippyAdagrad.from_paper", tfrs_clippy.ClippyAdagrad.from_paper(learning_rate=0.1))]:
         variants[name] = keras_step(optimizer, shapes)
-    times = {name: [] for name in variants}
-    for name, (step, state) in variants.items():  # compile and warm up
-        jax.block_until_ready(step(weights, state, grads))
-    for round_index in range(args.rounds):
-        for name, (step, state) in variants.items():
-            begin = time.perf_counter()
-            for _ in range(args.steps):
-                out = step(weights, state, grads)
-            jax.block_until_ready(out)
-            times[name].append((time.perf_counter() - begin) / args.steps * 1e3)
-        print(f"[bench_backends] round {round_index + 1}/{args.rounds}: "
-              + ", ".join(f"{n} {t[-1]:.2f} ms" for n, t in times.items()), flush=True)
-    reference = times["optax.adagrad"]
-    records = []
-    for name, values in times.items():
-        ratios = [v / r for v, r in zip(values, reference, strict=True)]
-        records.append({"variant": name, "ms": statistics.median(values), "ratio": statistics.median(ratios),
-                        "ratio_min": min(ratios), "ratio_max": max(ratios), "reference": "optax.adagrad"})
+    timed = {name: (step, [(weights, state, grads)]) for name, (step, state) in variants.items()}
+    results = interleaved(timed, "optax.adagrad", rounds=args.rounds, steps=args.steps, warmup=2,
+                          block=jax.block_until_ready)
+    records = [{"variant": name, **result} for name, result in results.items()]
+    for r in records:
+        print(f"[bench_backends] {r['variant']:26s} {r['ms']:8.2f} ms  x{r['ratio']:.2f}", flush=True)
     parameters = sum(int(np.prod(s)) for s in shapes)
     meta = {"command": " ".join(["python", "scripts/bench_backends.py", *map(shlex.quote, argv)]), "commit": commit(),
             "jax": jax.__version__, "keras": keras.__version__, "optax": importlib.metadata.version("optax"),

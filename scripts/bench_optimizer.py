@@ -35,7 +35,6 @@ import importlib.metadata
 import json
 import os
 import pathlib
-import random
 import shlex
 import statistics
 import subprocess
@@ -45,6 +44,7 @@ from typing import Callable
 
 from experiments.records import REPOSITORY as REPO
 from experiments.records import commit
+from experiments.timing import interleaved
 
 DENSE_REFERENCE = "fused kernel (ResourceApplyAdagradV2)"
 SPARSE_REFERENCE = "fused kernel + dedup (ResourceSparseApplyAdagradV2)"
@@ -92,32 +92,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Worker: runs in a process whose Keras runtime is fixed, prints one JSON line per variant.
-
-
-def interleaved(variants: dict[str, tuple[Callable, list]], reference: str, rounds: int, steps: int, warmup: int,
-                seed: int = 0) -> dict[str, dict]:
-    """Times `variants` ({name: (step, inputs)}) in interleaved rounds; ratios to `reference` round by round."""
-    for step, inputs in variants.values():
-        for i in range(warmup):
-            step(*inputs[i % len(inputs)]).numpy()
-    per_round: dict[str, list[float]] = {name: [] for name in variants}
-    order = list(variants)
-    for round_index in range(rounds):
-        random.Random(seed + round_index).shuffle(order)
-        for name in order:
-            step, inputs = variants[name]
-            times = []
-            for i in range(steps):
-                start = time.perf_counter()
-                step(*inputs[i % len(inputs)]).numpy()
-                times.append(time.perf_counter() - start)
-            per_round[name].append(statistics.median(times) * 1e3)
-    results = {}
-    for name, times in per_round.items():
-        ratios = [t / r for t, r in zip(times, per_round[reference])]
-        results[name] = dict(ms=statistics.median(times), ratio=statistics.median(ratios), ratio_min=min(ratios),
-                             ratio_max=max(ratios), reference=reference)
-    return results
 
 
 def run_worker(args: argparse.Namespace) -> None:
